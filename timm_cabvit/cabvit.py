@@ -11,8 +11,9 @@ implementation (its checkpoints load through `checkpoint_filter_fn`). CabViT-P: 
 `ARCHITECTURE.md` of this project states the function precisely.
 """
 import math
+from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Callable, Dict, List, Optional, Set, Tuple, Type, Union
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -96,6 +97,10 @@ class GridPosBias(nn.Module):
         )
         self._init_buffers()
 
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.attention_biases)
+        self._init_buffers()
+
     def _init_buffers(self) -> None:
         device = self.attention_bias_idxs.device
         if device.type == 'meta':
@@ -141,6 +146,9 @@ class RelativeDepthBias(nn.Module):
         num_digest = digest_grid[0] * digest_grid[1]
         self.bias = nn.Parameter(torch.zeros(num_heads, depth, num_digest, device=device, dtype=dtype))
 
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.bias)
+
     def set_grid_size(self, digest_grid: Tuple[int, int]) -> None:
         with torch.no_grad():
             self.bias = nn.Parameter(
@@ -173,6 +181,9 @@ class DigestCalibration(nn.Module):
         num_digest = digest_grid[0] * digest_grid[1]
         self.scale = nn.Parameter(torch.ones(depth, num_digest, device=device, dtype=dtype))
         self.norm = norm_layer(dim, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.scale)
 
     def set_grid_size(self, digest_grid: Tuple[int, int]) -> None:
         with torch.no_grad():
@@ -393,6 +404,28 @@ class CabViTBlock(nn.Module):
         return x, digest
 
 
+@contextmanager
+def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Momentum 0 for the BatchNorms of `module`: a checkpointed block's recomputation must not update them twice."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.momentum = 0.
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+
+
+def checkpoint_block(
+        block: nn.Module, x: torch.Tensor, digests: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Activation checkpointing of a CabViT block, digests included, keeping BatchNorm running stats exact."""
+    return checkpoint(
+        block, x, digests, use_reentrant=False, context_fn=lambda: (nullcontext(), _frozen_batchnorm_stats(block)))
+
+
 class Downsample(nn.Module):
     """Stride-2 inverted bottleneck between stages: 1x1 conv, depthwise 3x3 stride 2, 1x1 conv, each with BN."""
 
@@ -505,7 +538,7 @@ class CabViTStage(nn.Module):
         digests: Optional[torch.Tensor] = None
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, digest = checkpoint(block, x, digests)
+                x, digest = checkpoint_block(block, x, digests)
             else:
                 x, digest = block(x, digests)
             if digest is not None:
@@ -523,11 +556,16 @@ def _stage_grids(img_size: Tuple[int, int], num_stages: int) -> List[Tuple[int, 
     return grids
 
 
-def _init_weights(module: nn.Module) -> None:
+def _init_weights(module: nn.Module, ls_init_value: Optional[float] = None, needs_reset: bool = True) -> None:
+    """Truncated-normal Linear and Conv weights as the reference; other modules reset themselves."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         trunc_normal_(module.weight, std=.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+    elif isinstance(module, ConvNeXtBlock) and module.gamma is not None and ls_init_value is not None:
+        nn.init.constant_(module.gamma, ls_init_value)
+    elif needs_reset and hasattr(module, 'reset_parameters'):
+        module.reset_parameters()
 
 
 class CabViT(nn.Module):
@@ -587,7 +625,7 @@ class CabViT(nn.Module):
             ConvNormAct(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1, apply_act=False, **dd),
         )
         grids = _stage_grids(self.img_size, len(depths))
-        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
         stages = []
         self.feature_info = []
         in_chs = embed_dims[0]
@@ -613,7 +651,12 @@ class CabViT(nn.Module):
             **dd,
         )
         self.head_hidden_size = self.head.num_features
-        self.apply(_init_weights)
+        self.ls_init_value = ls_init_value
+        self.init_weights(needs_reset=False)
+
+    def init_weights(self, needs_reset: bool = True) -> None:
+        """(Re)initialise all weights and index buffers, e.g. after meta-device construction and `to_empty()`."""
+        self.apply(partial(_init_weights, ls_init_value=self.ls_init_value, needs_reset=needs_reset))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -802,8 +845,12 @@ class CabViTPlain(nn.Module):
         self.norm = norm_layer(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.init_weights(needs_reset=False)
+
+    def init_weights(self, needs_reset: bool = True) -> None:
+        """(Re)initialise all weights and index buffers, e.g. after meta-device construction and `to_empty()`."""
         trunc_normal_(self.cls_token, std=.02)
-        self.apply(_init_weights)
+        self.apply(partial(_init_weights, needs_reset=needs_reset))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -855,7 +902,7 @@ class CabViTPlain(nn.Module):
         for i, block in enumerate(self.blocks):
             if i <= stop_index:  # no break: TorchScript unrolls loops over a ModuleList
                 if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x, digest = checkpoint(block, x, digests)
+                    x, digest = checkpoint_block(block, x, digests)
                 else:
                     x, digest = block(x, digests)
                 if digest is not None:
@@ -911,6 +958,7 @@ class CabViTPlain(nn.Module):
     ) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:max_index + 1]
+        self.blocks[-1].tme.merge = None  # no later block reads its digests (DDP wants every parameter used)
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
