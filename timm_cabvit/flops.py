@@ -3,17 +3,16 @@
 fvcore has no handle for fused attention, so without one it silently drops the attention products; the
 handle below counts them as the two batched matrix products they replace.
 """
+import warnings
 from typing import Any, List, Tuple, Union
 
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """q @ k^T and attn @ v of `scaled_dot_product_attention`: B * heads * Nq * Nk * (Dqk + Dv)."""
-    q_shape, k_shape, v_shape = (get_shape(x) for x in inputs[:3])
+    q_shape, k_shape, v_shape = (x.type().sizes() for x in inputs[:3])
     *batch, num_queries, qk_dim = q_shape
     num_keys, v_dim = k_shape[-2], v_shape[-1]
     batch_size = 1
@@ -29,8 +28,11 @@ ATTENTION_HANDLES = {
 
 def flop_analysis(
         model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3,
-) -> FlopCountAnalysis:
+) -> 'FlopCountAnalysis':  # noqa: F821
     """fvcore analysis of one image through `model` in eval mode, fused attention included."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', category=FutureWarning)  # fvcore scripts a loss with torch.jit on import
+        from fvcore.nn import FlopCountAnalysis
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     was_training = model.training
     model.eval()
@@ -38,7 +40,9 @@ def flop_analysis(
     inputs = torch.randn(1, in_chans, height, width, device=param.device, dtype=param.dtype)
     analysis = FlopCountAnalysis(model, inputs).set_op_handle(**ATTENTION_HANDLES)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    analysis.total()  # run the trace now, while the model is in eval mode
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', category=FutureWarning)  # fvcore traces with the deprecated torch.jit
+        analysis.total()  # run the trace now, while the model is in eval mode
     model.train(was_training)
     return analysis
 

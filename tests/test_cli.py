@@ -1,0 +1,31 @@
+"""The `timm-cabvit` command."""
+import shutil
+import subprocess
+
+import pytest
+
+from timm_cabvit.cli import main
+
+
+def test_table_has_our_and_the_papers_figures(capsys):
+    assert main(['--models', 'cabvit_h_l1', 'cabvit_p_l0', '--batch-size', '1', '--iters', '1', '--warmup', '0']) == 0
+    out = capsys.readouterr().out.splitlines()
+    h_l1 = next(line for line in out if line.startswith('cabvit_h_l1'))
+    assert '6,187,560' in h_l1 and '1.385' in h_l1 and '6.2 M' in h_l1 and '80.3' in h_l1
+    assert float(h_l1.split('|')[-1]) > 0  # measured images/s
+    assert '74.3' in next(line for line in out if line.startswith('cabvit_p_l0'))
+
+
+def test_bad_arguments_say_what_was_expected(capsys):
+    assert main(['--models', 'cabvit_h_l9']) == 2
+    assert 'unknown model(s) cabvit_h_l9' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['--img-size', '12x'])
+    assert "expected a size like 224 or 256x192, got '12x'" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    exe = shutil.which('timm-cabvit')
+    assert exe, 'timm-cabvit is not on PATH: install the package (pip install -e .)'
+    result = subprocess.run([exe, '--help'], capture_output=True, text=True, check=True)
+    assert '--img-size' in result.stdout and '--device' in result.stdout

@@ -1,0 +1,118 @@
+"""`timm-cabvit`: the CabViT models at a glance (parameters, FLOPs, the paper's figures, measured speed)."""
+import argparse
+import statistics
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import timm
+import torch
+from tqdm import tqdm
+
+from .flops import count_flops
+from .paper import PAPER
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
+    return value
+
+
+def _img_size(text: str) -> tuple:
+    parts = text.lower().split('x')
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected a size like 224 or 256x192, got '{text}'")
+    return (int(parts[0]), int(parts[-1]))
+
+
+def _measure_throughput(
+        model: torch.nn.Module, batch_size: int, img_size: tuple, device: torch.device,
+        warmup: int, iters: int, progress: tqdm,
+) -> float:
+    """Median images/s of inference forward passes over `iters` timed runs."""
+    x = torch.randn(batch_size, model.in_chans, *img_size, device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + iters):
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x)
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+            progress.update()
+    return batch_size / statistics.median(times)
+
+
+def _fmt(value: Optional[float], width: int, suffix: str = '') -> str:
+    return format('-' if value is None else f'{value:.1f}{suffix}', f'>{width}')
+
+
+def models_table(
+        model_names: Sequence[str], batch_size: int, img_size: tuple, device: torch.device,
+        warmup: int, iters: int,
+) -> List[str]:
+    """Rows of the overview table, measuring each model in turn."""
+    header = (f"{'model':<12} {'params':>11} {'GFLOPs':>7} | {'paper params':>12} {'paper GFLOPs':>12} "
+              f"{'paper top-1':>11} | {'img/s':>8}")
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'
+    rows = [f'{img_size[0]}x{img_size[1]} input, batch {batch_size}, {device.type} ({where})',
+            header, '-' * len(header)]
+    with tqdm(total=len(model_names) * (warmup + iters), desc='measuring', unit='batch', file=sys.stderr) as progress:
+        for name in model_names:
+            progress.set_postfix_str(name)
+            model = timm.create_model(name, img_size=img_size).eval()
+            params = sum(p.numel() for p in model.parameters())
+            gflops = count_flops(model, img_size) / 1e9
+            model.to(device)
+            throughput = _measure_throughput(model, batch_size, img_size, device, warmup, iters, progress)
+            paper = PAPER.get(name) or {}
+            rows.append(
+                f"{name:<12} {params:>11,} {gflops:>7.3f} | {_fmt(paper.get('params_m'), 12, ' M')} "
+                f"{_fmt(paper.get('gflops'), 12)} {_fmt(paper.get('top1'), 11)} | {throughput:>8.1f}")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='timm-cabvit',
+        description='CabViT models for timm. With no command: a table of the models with their parameters, '
+                    'fvcore FLOPs (one multiply-add = one FLOP, as the paper counts), the paper\'s parameters, '
+                    'FLOPs and ImageNet top-1 beside ours, and measured inference images/s on this machine.',
+    )
+    parser.add_argument('--models', nargs='+', default=sorted(PAPER), metavar='NAME',
+                        help='models to show (default: all four: %(default)s)')
+    parser.add_argument('--batch-size', type=_positive_int, default=8,
+                        help='images per forward pass when measuring speed (default: %(default)s)')
+    parser.add_argument('--img-size', type=_img_size, default=(224, 224), metavar='HxW',
+                        help='input size, e.g. 224 or 256x192; models are built for it (default: 224)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='device to measure on, e.g. cpu or cuda:0 (default: %(default)s)')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed passes per model (default: %(default)s)')
+    parser.add_argument('--iters', type=_positive_int, default=3,
+                        help='timed passes per model, the median is shown (default: %(default)s)')
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import timm_cabvit  # noqa: F401  (registers the models)
+    unknown = [m for m in args.models if m not in timm.list_models('cabvit*')]
+    if unknown:
+        print(f"timm-cabvit: unknown model(s) {', '.join(unknown)}; "
+              f"choose from {', '.join(timm.list_models('cabvit*'))}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        print(f"timm-cabvit: --device {args.device} asked for, but no CUDA device is available", file=sys.stderr)
+        return 2
+    print('\n'.join(models_table(args.models, args.batch_size, args.img_size, device, args.warmup, args.iters)))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
