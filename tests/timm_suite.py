@@ -1,6 +1,6 @@
-"""timm's own model test suite (`tests/test_models.py` of timm's source distribution), for the installed timm.
+"""Files of the installed timm's source distribution: its model test suite and its train.py.
 
-The file is not part of timm's wheel, so it is fetched once from the package index with pip and cached.
+They are not part of timm's wheel, so they are fetched once from the package index with pip and cached.
 """
 import importlib.util
 import os
@@ -18,9 +18,9 @@ def _cache_dir() -> Path:
     return Path(os.environ.get('TIMM_CABVIT_CACHE', Path.home() / '.cache' / 'timm-cabvit'))
 
 
-def fetch_test_models(version: str = timm.__version__) -> Path:
-    """Path of timm's tests/test_models.py for `version`, downloading timm's sdist on first use."""
-    target = _cache_dir() / f'timm-{version}' / 'test_models.py'
+def fetch_sdist_file(relative_path: str, version: str = timm.__version__) -> Path:
+    """Path of a file of timm's sdist for `version` (e.g. 'tests/test_models.py'), downloading it on first use."""
+    target = _cache_dir() / f'timm-{version}' / relative_path
     if target.exists():
         return target
     with tempfile.TemporaryDirectory() as tmp:
@@ -30,11 +30,10 @@ def fetch_test_models(version: str = timm.__version__) -> Path:
         sdists = list(Path(tmp).glob('timm-*.tar.gz'))
         if not sdists:
             raise RuntimeError(
-                f'could not download the source distribution of timm=={version} to get its tests/test_models.py '
+                f'could not download the source distribution of timm=={version} to get its {relative_path} '
                 f'(pip said: {result.stderr.strip()[-500:]}); put the file at {target} to run offline')
         with tarfile.open(sdists[0]) as archive:
-            member = archive.getmember(f'timm-{version}/tests/test_models.py')
-            data = archive.extractfile(member).read()
+            data = archive.extractfile(archive.getmember(f'timm-{version}/{relative_path}')).read()
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     return target
@@ -42,7 +41,7 @@ def fetch_test_models(version: str = timm.__version__) -> Path:
 
 def load_test_models() -> ModuleType:
     """Import timm's test_models.py as a module (it parametrizes over the registry, our models included)."""
-    path = fetch_test_models()
+    path = fetch_sdist_file('tests/test_models.py')
     spec = importlib.util.spec_from_file_location('timm_test_models', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

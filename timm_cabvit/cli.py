@@ -1,8 +1,12 @@
-"""`timm-cabvit`: the CabViT models at a glance (parameters, FLOPs, the paper's figures, measured speed)."""
+"""`timm-cabvit`: the CabViT models at a glance (parameters, FLOPs, the paper's figures, measured speed).
+
+Subcommands: `recipe` prints a training recipe for timm's train.py.
+"""
 import argparse
 import statistics
 import sys
 import time
+from importlib.resources import files
 from typing import List, Optional, Sequence
 
 import timm
@@ -77,6 +81,15 @@ def models_table(
     return rows
 
 
+def recipe_path(model_name: str):
+    """The packaged train.py recipe (YAML) of a model."""
+    path = files('timm_cabvit') / 'recipes' / f'{model_name}.yaml'
+    if not path.is_file():
+        known = sorted(p.name.removesuffix('.yaml') for p in (files('timm_cabvit') / 'recipes').iterdir())
+        raise ValueError(f"no training recipe for '{model_name}'; recipes exist for {', '.join(known)}")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='timm-cabvit',
@@ -95,11 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--warmup', type=int, default=1, help='untimed passes per model (default: %(default)s)')
     parser.add_argument('--iters', type=_positive_int, default=3,
                         help='timed passes per model, the median is shown (default: %(default)s)')
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+    recipe = commands.add_parser(
+        'recipe', help="print a model's ImageNet training recipe for timm's train.py",
+        description="Print the paper's ImageNet training recipe of a model as a YAML config for timm's train.py "
+                    '(train.py -c FILE), or with --path where the file is.')
+    recipe.add_argument('model', help='model name, e.g. cabvit_h_l2')
+    recipe.add_argument('--path', action='store_true', help='print the path of the YAML file instead of its text')
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == 'recipe':
+        try:
+            path = recipe_path(args.model)
+        except ValueError as e:
+            print(f'timm-cabvit: {e}', file=sys.stderr)
+            return 2
+        print(path if args.path else path.read_text(), end='\n' if args.path else '')
+        return 0
     import timm_cabvit  # noqa: F401  (registers the models)
     unknown = [m for m in args.models if m not in timm.list_models('cabvit*')]
     if unknown:

@@ -1,0 +1,181 @@
+"""Installing the package is enough: timm's own tools find the models without `import timm_cabvit`.
+
+Each test environment is a fresh virtual environment with this repository installed into it (as a wheel
+or editable). torch and timm come from the test runner's environment through a plain path entry, which
+is not a site directory, so none of the runner's own .pth start-up hooks run there.
+"""
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_OPTIONS = frozenset(
+    word for line in (REPO / 'tests' / 'data' / 'timm_train_options.txt').read_text().splitlines()
+    if not line.startswith('#') for word in line.split())
+
+
+class FreshEnv:
+    """A virtual environment with the package installed, running Python in subprocesses."""
+
+    def __init__(self, root: Path, editable: bool):
+        subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(root)], check=True)
+        self.root = root
+        self.python = str(root / 'bin' / 'python')
+        self.purelib = Path(self.run('import sysconfig; print(sysconfig.get_paths()["purelib"])').stdout.strip())
+        (self.purelib / '_test_runner_site.pth').write_text('\n'.join(site.getsitepackages()) + '\n')
+        install = [self.python, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation']
+        subprocess.run([*install, *(['-e'] if editable else []), str(REPO)], check=True, cwd=root)
+
+    def run(self, code: str, env: dict = None, check: bool = True, args=()) -> subprocess.CompletedProcess:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith('TIMM_CABVIT')}
+        result = subprocess.run(
+            [self.python, *args, '-c', code], capture_output=True, text=True, env={**environ, **(env or {})},
+            cwd=self.root)
+        if check and result.returncode:
+            raise AssertionError(f'subprocess failed ({result.returncode}):\n{result.stderr[-3000:]}')
+        return result
+
+
+@pytest.fixture(scope='module', params=['wheel', 'editable'])
+def fresh_env(request, tmp_path_factory):
+    return FreshEnv(tmp_path_factory.mktemp(request.param), editable=request.param == 'editable')
+
+
+def test_import_timm_registers_the_models(fresh_env):
+    out = fresh_env.run(
+        'import sys\n'
+        'assert "torch" not in sys.modules and "timm" not in sys.modules\n'
+        'import timm\n'
+        'model = timm.create_model("cabvit_h_l1")\n'
+        'print(" ".join(timm.list_models("cabvit*")), type(model).__module__)').stdout
+    assert out.split() == ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0', 'timm_cabvit.cabvit']
+
+
+def test_opt_out_and_start_up_footprint(fresh_env):
+    modules = 'import sys, json; print(json.dumps(sorted(sys.modules)))'
+    loaded = set(json.loads(fresh_env.run(modules).stdout))
+    loaded_without = set(json.loads(fresh_env.run(modules, env={'TIMM_CABVIT_AUTOLOAD': '0'}).stdout))
+    assert loaded - loaded_without == {'timm_cabvit_autoload'}  # the whole start-up cost: one small module
+    assert not {'torch', 'timm', 'timm_cabvit'} & loaded
+    assert fresh_env.run('import timm; print(timm.list_models("cabvit*"))',
+                         env={'TIMM_CABVIT_AUTOLOAD': '0'}).stdout.strip() == '[]'
+
+
+def test_hf_hub_style_config_resolves(fresh_env, tmp_path):
+    """A Hub config naming a CabViT architecture, loaded as timm loads `hf-hub:` repos (here a local folder)."""
+    (tmp_path / 'config.json').write_text(json.dumps({
+        'architecture': 'cabvit_h_l1', 'num_classes': 3,
+        'pretrained_cfg': {'input_size': [3, 224, 224], 'mean': [0.5] * 3, 'std': [0.5] * 3}}))
+    out = fresh_env.run(
+        'import sys, timm\n'
+        f'model = timm.create_model("local-dir:{tmp_path}", pretrained=False)\n'
+        'print(type(model).__name__, model.num_classes)').stdout
+    assert out.split() == ['CabViT', '3']
+
+
+def test_two_training_steps_and_eval_with_timm_factories(fresh_env, tmp_path):
+    from PIL import Image
+    generator = torch.Generator().manual_seed(0)
+    for split in ('train', 'val'):
+        for label in ('a', 'b'):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = torch.randint(0, 256, (48, 48, 3), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    code = f'''
+import json, timm, torch
+from timm.data import create_dataset, create_loader
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import accuracy
+torch.manual_seed(0)
+model = timm.create_model('cabvit_h_l1', num_classes=2, img_size=64, ls_init_value=0.1)
+loader_args = dict(input_size=(3, 64, 64), batch_size=4, use_prefetcher=False, num_workers=0)
+train = create_loader(create_dataset('', root='{tmp_path}/train', is_training=True), is_training=True,
+                      no_aug=True, **loader_args)
+evaluation = create_loader(create_dataset('', root='{tmp_path}/val'), is_training=False, **loader_args)
+optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
+scheduler, _ = create_scheduler_v2(optimizer, 'cosine', num_epochs=2, warmup_epochs=0)
+x, target = next(iter(train))
+losses = []
+model.train()
+for epoch in range(2):
+    loss = torch.nn.functional.cross_entropy(model(x), target)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step(epoch + 1)
+    losses.append(loss.item())
+losses.append(torch.nn.functional.cross_entropy(model(x), target).item())
+model.eval()
+with torch.no_grad():
+    top1 = [accuracy(model(images), labels, topk=(1,))[0].item() for images, labels in evaluation]
+print(json.dumps(dict(losses=losses, top1=top1)))
+'''
+    result = json.loads(fresh_env.run(code).stdout)
+    losses = result['losses']
+    assert all(map(lambda v: v == v and abs(v) < 1e3, losses)), losses
+    assert losses[0] > losses[1] > losses[2], losses
+    assert len(result['top1']) == 1 and 0 <= result['top1'][0] <= 100
+
+
+def test_broken_install_never_breaks_start_up(tmp_path):
+    env = FreshEnv(tmp_path / 'broken', editable=False)
+    (env.purelib / 'timm_cabvit' / 'cabvit.py').write_text("raise ImportError('deliberately broken')\n")
+    started = env.run('pass')
+    assert started.returncode == 0 and started.stderr == ''
+    imported = env.run('import timm; print(timm.list_models("cabvit*"))', args=['-W', 'default'])
+    warnings = [line for line in imported.stderr.splitlines() if 'could not register its timm models' in line]
+    assert len(warnings) == 1 and 'deliberately broken' in warnings[0], imported.stderr
+    assert imported.stdout.strip() == '[]'
+
+
+def test_uninstall_removes_the_start_up_hook(tmp_path):
+    env = FreshEnv(tmp_path / 'uninstall', editable=False)
+    assert (env.purelib / 'timm_cabvit_autoload.pth').exists()
+    subprocess.run([env.python, '-m', 'pip', 'uninstall', '--quiet', '--yes', 'timm-cabvit'], check=True)
+    assert not (env.purelib / 'timm_cabvit_autoload.pth').exists()
+    assert not (env.purelib / 'timm_cabvit_autoload.py').exists()
+
+
+@pytest.mark.parametrize('model_name', ['cabvit_p_l0', 'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3'])
+def test_recipes_are_train_py_configs(model_name):
+    from timm_cabvit.cli import recipe_path
+    recipe = yaml.safe_load(recipe_path(model_name).read_text())
+    assert not set(recipe) - TRAIN_OPTIONS, f'not train.py options: {set(recipe) - TRAIN_OPTIONS}'
+    assert recipe['model'] == model_name and recipe['model'] in timm.list_models('cabvit*')
+    assert recipe['batch_size'] * 8 == 1024
+    assert recipe['lr'] == (2e-3 if model_name.startswith('cabvit_h') else 1e-3)
+
+
+def test_ddp_two_processes_end_with_identical_weights():
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
+         str(REPO / 'tests' / 'ddp_train.py')],
+        capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report['rank_max_diff'] == 0 and report['moved'] > 0, report
+
+
+def test_sync_batchnorm_conversion_covers_every_batchnorm():
+    from timm.layers import convert_sync_batchnorm
+    model = convert_sync_batchnorm(timm.create_model('cabvit_h_l1', device='meta'))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+
+
+def test_compiles_fullgraph_for_a_training_step():
+    model = timm.create_model('cabvit_h_l1', num_classes=3, img_size=64).train()
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    compiled(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
