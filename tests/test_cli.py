@@ -29,3 +29,22 @@ def test_console_script_is_installed():
     assert exe, 'timm-cabvit is not on PATH: install the package (pip install -e .)'
     result = subprocess.run([exe, '--help'], capture_output=True, text=True, check=True)
     assert '--img-size' in result.stdout and '--device' in result.stdout
+
+
+def test_export_writes_a_folder_timm_loads(tmp_path, capsys):
+    import timm
+    import torch
+    model = timm.create_model('cabvit_h_l1', num_classes=5).eval()
+    torch.save({'state_dict': model.state_dict(), 'epoch': 3}, tmp_path / 'checkpoint.pth.tar')
+    out = tmp_path / 'export'
+    assert main(['export', str(tmp_path / 'checkpoint.pth.tar'), '--model', 'cabvit_h_l1.in1k', '--out', str(out),
+                 '--metric', 'top1=50.5']) == 0
+    assert '50.5' in (out / 'README.md').read_text()
+    loaded = timm.create_model('cabvit_h_l1', pretrained=True, num_classes=5,
+                               pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors'), num_classes=5)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert main(['export', str(tmp_path / 'checkpoint.pth.tar'), '--model', 'cabvit_h_l2', '--out',
+                 str(tmp_path / 'wrong')]) == 1
+    assert 'does not fit cabvit_h_l2' in capsys.readouterr().err

@@ -982,23 +982,182 @@ class CabViTPlain(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Unwrap train.py checkpoints and resample bias tables and digest scales saved at another input size."""
-    for wrapper in ('state_dict_ema', 'state_dict', 'model'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
+    """Map any checkpoint of a CabViT model to this model's keys and token grids, or say why it does not fit.
+
+    Accepts our own state dict, timm train.py checkpoints (EMA weights first, as timm's `load_state_dict`) with
+    DDP / torch.compile prefixes, and the authors' reference layout. Position biases, depth biases and digest
+    scales saved at another input size are resampled. The classifier and the first conv are left as they are:
+    timm's `load_pretrained` drops or adapts them for another num_classes or in_chans. Anything else that does
+    not fit raises, as timm's loader turns strict loading off when it drops a classifier.
+    """
+    state_dict = _unwrap_checkpoint(state_dict)
+    if any(k.startswith(('patch_embed.seq.', 'layer_', 'norm_head.')) for k in state_dict):
+        state_dict = _convert_reference(state_dict)
     target = model.state_dict()
+    token_grids, digest_grids = _source_grids(model)
     out = {}
     for k, v in state_dict.items():
-        k = k.removeprefix('module.')
-        if k in target and v.shape != target[k].shape:
-            v = _resize_to_grid(model.get_submodule(k.rsplit('.', 1)[0]), v, target[k].shape)
+        if k in target and isinstance(v, torch.Tensor) and v.shape != target[k].shape:
+            module = model.get_submodule(k.rsplit('.', 1)[0])
+            v = _resize_to_grid(module, v, target[k].shape, digest_grids if k.endswith(
+                ('depth_bias.bias', 'digest_calib.scale')) else token_grids)
+        out[k] = v
+    for k, v in target.items():
+        if k.endswith('.num_batches_tracked') and k not in out:
+            out[k] = v  # a counter, not a weight: older BatchNorm checkpoints lack it
+    _check_fits(out, target, model)
+    return out
+
+
+def _unwrap_checkpoint(checkpoint: Dict) -> Dict[str, torch.Tensor]:
+    """The model weights of a checkpoint, without the DDP and torch.compile prefixes of their keys."""
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    out = {}
+    for k, v in checkpoint.items():
+        while k.startswith(('module.', '_orig_mod.')):
+            k = k.split('.', 1)[1]
         out[k] = v
     return out
 
 
-def _resize_to_grid(module: nn.Module, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Resample a table saved for another grid to the module's grid, assuming a square source grid as timm does."""
+# Block members of the reference implementation and ours: ConvNeXt blocks (stages 1-2), then CabViT blocks.
+_REFERENCE_BLOCK_KEYS = {
+    'dwconv': 'conv_dw', 'pwconv1': 'mlp.fc1', 'pwconv2': 'mlp.fc2',
+    'gamma_1': 'ls1.gamma', 'gamma_2': 'ls2.gamma',
+    'attention_biases': 'attn.pos_bias.attention_biases',
+    's_token_bias': 'attn.depth_bias.bias', 's_scale_factors': 'digest_calib.scale', 's_norm': 'digest_calib.norm',
+    'qkv': 'attn.qkv', 'proj': 'attn.proj',
+    'dw_conv': 'tme.merge', 'local_conv.c': 'tme.enhance.conv', 'local_conv.bn': 'tme.enhance.bn',
+    'mlp.norm': 'mlp.pre_norm',
+}
+
+
+def _convert_reference(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename the reference implementation's keys to ours and lay out its digest tables as ours.
+
+    Its downsample layers belong to the stage before them (ours to the stage after). Its block j keeps the depth
+    biases (1, heads, 1, j * S) and digest scales (1, j * S, 1) of the digests in key order, oldest block first;
+    ours are (heads, j, S) indexed by relative depth, previous block first, and (j, S) oldest first.
+    Unknown keys keep their names, so that the fit check reports them.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        parts = k.split('.')
+        if k.startswith('patch_embed.seq.') and len(parts) == 5 and parts[2].isdigit():
+            k = f'stem.{int(parts[2]) // 2}.{"conv" if parts[3] == "c" else parts[3]}.{parts[4]}'
+        elif k.startswith('norm_head.'):
+            k = 'head.norm.' + k[len('norm_head.'):]
+        elif k in ('head.weight', 'head.bias'):
+            k = 'head.fc.' + parts[1]
+        elif parts[0].startswith('layer_') and parts[0][len('layer_'):].isdigit() and len(parts) > 3:
+            stage = int(parts[0][len('layer_'):])
+            if parts[1] == 'downsample' and len(parts) == 5:
+                k = f'stages.{stage + 1}.downsample.{parts[2]}.{"conv" if parts[3] == "c" else parts[3]}.{parts[4]}'
+            elif parts[1] == 'blocks' and parts[2].isdigit():
+                k, v = _convert_reference_block(f'stages.{stage}.blocks.{parts[2]}.', int(parts[2]), parts[3:], v)
+        out[k] = v
+    return out
+
+
+def _convert_reference_block(
+        prefix: str, block_idx: int, member: List[str], value: torch.Tensor) -> Tuple[str, torch.Tensor]:
+    """One key of a reference block: the longest known member name is renamed, digest tables laid out as ours."""
+    for n in range(len(member), 0, -1):
+        name = '.'.join(member[:n])
+        if name in _REFERENCE_BLOCK_KEYS:
+            member = _REFERENCE_BLOCK_KEYS[name].split('.') + member[n:]
+            break
+    key = prefix + '.'.join(member)
+    if block_idx and key.endswith('attn.depth_bias.bias') and value.ndim == 4 and value.shape[-1] % block_idx == 0:
+        value = value.reshape(value.shape[1], block_idx, -1).flip(1)
+    elif block_idx and key.endswith('digest_calib.scale') and value.ndim == 3 and value.shape[1] % block_idx == 0:
+        value = value.reshape(block_idx, -1)
+    return key, value
+
+
+def _source_grids(model: nn.Module) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
+    """Token and digest grids of the model at the input size of its pretrained cfg, the checkpoint's size."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    img_size = tuple(cfg.get('input_size') or (3, 224, 224))[-2:]
+    if isinstance(model, CabViTPlain):
+        token_grids = [tuple(s // p for s, p in zip(img_size, model.patch_embed.patch_size))]
+    elif isinstance(model, CabViT):
+        token_grids = _stage_grids(img_size, len(model.stages))
+    else:
+        token_grids = []
+    return token_grids, [digest_grid_size(g) for g in token_grids]
+
+
+def _check_fits(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise, listing keys and shapes, unless the state dict loads completely (classifier and first conv aside)."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifiers = cfg.get('classifier') or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
+    lenient = {f'{c}.{p}' for c in classifiers for p in ('weight', 'bias')}
+    first_convs = cfg.get('first_conv') or ()
+    first_convs = {f'{c}.weight' for c in ((first_convs,) if isinstance(first_convs, str) else first_convs)}
+
+    def fits(k: str, v: torch.Tensor) -> bool:
+        shape, want = tuple(v.shape), tuple(target[k].shape)
+        if shape == want or k in lenient:
+            return True
+        # another in_chans, adapted by timm's load_pretrained
+        return k in first_convs and len(shape) == 4 and shape[:1] + shape[2:] == want[:1] + want[2:]
+
+    missing = [k for k in target if k not in state_dict and k not in lenient]
+    unexpected = [k for k in state_dict if k not in target and k not in lenient]
+    mismatched = [
+        f'{k}: checkpoint {tuple(getattr(v, "shape", ()))}, model {tuple(target[k].shape)}'
+        for k, v in state_dict.items()
+        if k in target and not (isinstance(v, torch.Tensor) and fits(k, v))]
+    if not (missing or unexpected or mismatched):
+        return
+
+    def listing(title: str, items: List[str], limit: int = 12) -> str:
+        more = f'\n    ... and {len(items) - limit} more' if len(items) > limit else ''
+        return f'\n  {title} ({len(items)}):\n    ' + '\n    '.join(items[:limit]) + more if items else ''
+
+    model_desc = (
+        f"{cfg.get('architecture') or type(model).__name__} (img_size {tuple(getattr(model, 'img_size', ()))}, "
+        f"in_chans {getattr(model, 'in_chans', '?')}, num_classes {getattr(model, 'num_classes', '?')})")
+    raise ValueError(
+        f'The checkpoint from {_checkpoint_source(cfg)} does not fit {model_desc}: it is a checkpoint of another '
+        f'model or size, and loading it would leave weights missing or unused.'
+        + listing('missing from the checkpoint', missing)
+        + listing('not in the model', unexpected)
+        + listing('other shape', mismatched)
+        + '\nCreate the model the checkpoint was trained as (its architecture and model_args), or pick the '
+          'checkpoint of this model.')
+
+
+def _checkpoint_source(cfg: Dict) -> str:
+    """Where timm's load_pretrained takes the weights from, in its order, for error messages."""
+    if cfg.get('source') == 'hf-hub' and cfg.get('hf_hub_id'):
+        return f"Hugging Face Hub repo '{cfg['hf_hub_id']}'"
+    if cfg.get('state_dict') is not None:
+        return 'the state dict given as pretrained_cfg state_dict'
+    if cfg.get('file'):
+        return f"file '{cfg['file']}'"
+    if cfg.get('hf_hub_id'):
+        return f"Hugging Face Hub repo '{cfg['hf_hub_id']}'"
+    return f"url '{cfg['url']}'" if cfg.get('url') else 'the given state dict'
+
+
+def _resize_to_grid(
+        module: nn.Module,
+        value: torch.Tensor,
+        shape: torch.Size,
+        source_grids: Optional[List[Tuple[int, int]]] = None,
+) -> torch.Tensor:
+    """Resample a table saved for another token grid to the module's grid.
+
+    The saved grid is the one of `source_grids` (the model's grids at the input size of the pretrained cfg) with
+    as many tokens as the table, else a square grid, as timm assumes. Other tables are returned unchanged for the
+    fit check to report.
+    """
     if isinstance(module, RelPosBias):
         return resize_rel_pos_bias_table(value, new_window_size=module.window_size, new_bias_shape=tuple(shape))
     if isinstance(module, GridPosBias):
@@ -1006,14 +1165,21 @@ def _resize_to_grid(module: nn.Module, value: torch.Tensor, shape: torch.Size) -
     elif isinstance(module, (RelativeDepthBias, DigestCalibration)):
         new_grid = module.digest_grid
     else:
-        return value  # a true mismatch, reported by load_state_dict
-    side = math.isqrt(value.shape[-1])
-    if side * side != value.shape[-1] or value.shape[:-1] != shape[:-1]:
         return value
-    return resize_token_grid(value, (side, side), new_grid)
+    num_tokens = value.shape[-1]
+    if value.shape[:-1] != shape[:-1]:
+        return value
+    old_grid = next((g for g in source_grids or () if g[0] * g[1] == num_tokens), None)
+    if old_grid is None:
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            return value
+        old_grid = (side, side)
+    return resize_token_grid(value, old_grid, new_grid)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
+    """Pretrained cfg of a CabViT checkpoint; ImageNet-1k at 224 unless overridden."""
     return {
         'url': url,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'fixed_input_size': True,
@@ -1027,11 +1193,13 @@ def _cfg(url: str = '', **kwargs) -> Dict:
     }
 
 
+# Hub repos where ImageNet-1k weights are to be published (none are yet): `pretrained=True` downloads from them.
 default_cfgs = generate_default_cfgs({
-    'cabvit_p_l0': _cfg(pool_size=None, first_conv='patch_embed.proj', classifier='head'),
-    'cabvit_h_l1': _cfg(),
-    'cabvit_h_l2': _cfg(),
-    'cabvit_h_l3': _cfg(),
+    'cabvit_p_l0.in1k': _cfg(
+        hf_hub_id='timm-cabvit/cabvit_p_l0.in1k', pool_size=None, first_conv='patch_embed.proj', classifier='head'),
+    'cabvit_h_l1.in1k': _cfg(hf_hub_id='timm-cabvit/cabvit_h_l1.in1k'),
+    'cabvit_h_l2.in1k': _cfg(hf_hub_id='timm-cabvit/cabvit_h_l2.in1k'),
+    'cabvit_h_l3.in1k': _cfg(hf_hub_id='timm-cabvit/cabvit_h_l3.in1k'),
 })
 
 

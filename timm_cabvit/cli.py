@@ -1,6 +1,7 @@
 """`timm-cabvit`: the CabViT models at a glance (parameters, FLOPs, the paper's figures, measured speed).
 
-Subcommands: `recipe` prints a training recipe for timm's train.py.
+Subcommands: `recipe` prints a training recipe for timm's train.py; `export` writes a checkpoint in the Hub
+layout timm reads and `push` uploads it.
 """
 import argparse
 import statistics
@@ -115,7 +116,52 @@ def build_parser() -> argparse.ArgumentParser:
                     '(train.py -c FILE), or with --path where the file is.')
     recipe.add_argument('model', help='model name, e.g. cabvit_h_l2')
     recipe.add_argument('--path', action='store_true', help='print the path of the YAML file instead of its text')
+
+    export = commands.add_parser(
+        'export', help='write a checkpoint as config.json, model.safetensors and README.md for the Hub',
+        description='Write the Hub layout timm reads (config.json, model.safetensors, a README.md model card) '
+                    'from a checkpoint: our own state dict, a timm train.py checkpoint or the authors\' '
+                    'reference layout. The weights are loaded strictly; nothing is exported partially.')
+    export.add_argument('checkpoint', help='checkpoint file (.pth, .pth.tar, .bin or .safetensors)')
+    export.add_argument('--model', required=True, metavar='NAME',
+                        help='CabViT model, optionally with its tag, e.g. cabvit_h_l2.in1k')
+    export.add_argument('--out', required=True, metavar='DIR', help='folder to write')
+    export.add_argument('--metric', action='append', default=[], metavar='NAME=VALUE',
+                        help='evaluation result for the model card, e.g. top1=83.0 (repeatable)')
+    export.add_argument('--img-size', type=_img_size, metavar='HxW',
+                        help='training input size, when not a square one readable from the checkpoint')
+    export.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repo it is for (default: the tag's)")
+
+    push = commands.add_parser(
+        'push', help='upload an exported folder to a Hugging Face Hub model repo',
+        description='Upload a folder written by `timm-cabvit export` to a Hub model repo, creating the repo if '
+                    'needed. Log in first with `hf auth login` or set HF_TOKEN.')
+    push.add_argument('dir', help='folder written by timm-cabvit export')
+    push.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='model repo to upload to')
+    push.add_argument('--token', help='Hub token with write access (default: the logged-in one)')
+    push.add_argument('--private', action='store_true', help='create the repo private')
+    push.add_argument('--revision', help='branch to commit to')
+    push.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
+    push.add_argument('--commit-message', default='Add CabViT weights', help='commit message')
     return parser
+
+
+def _run_hub_command(args: argparse.Namespace) -> int:
+    from . import hub
+    try:
+        if args.command == 'export':
+            folder = hub.export_checkpoint(
+                args.checkpoint, args.model, args.out, metrics=hub.parse_metrics(args.metric),
+                img_size=args.img_size, repo_id=args.repo_id)
+            print(folder)
+        else:
+            print(hub.push(
+                args.dir, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+                create_pr=args.create_pr, commit_message=args.commit_message))
+    except (hub.CheckpointError, ValueError) as e:
+        print(f'timm-cabvit {args.command}: {e}', file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -129,6 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(path if args.path else path.read_text(), end='\n' if args.path else '')
         return 0
     import timm_cabvit  # noqa: F401  (registers the models)
+    if args.command in ('export', 'push'):
+        return _run_hub_command(args)
     unknown = [m for m in args.models if m not in timm.list_models('cabvit*')]
     if unknown:
         print(f"timm-cabvit: unknown model(s) {', '.join(unknown)}; "

@@ -1,0 +1,458 @@
+""" Publishing CabViT weights on the Hugging Face Hub, and loading them with errors that say what to do
+
+`export_checkpoint` turns any checkpoint `checkpoint_filter_fn` accepts (ours, a timm train.py checkpoint, the
+authors' reference layout) into the folder timm reads from the Hub: `config.json` and `model.safetensors` written
+by timm's own `save_for_hf`, and a `README.md` model card with the given metrics. `push` uploads such a folder.
+`create_model` is `timm.create_model` with errors that name the file or Hub repo at fault and the way out.
+
+No ImageNet weights are published yet: the repos the pretrained cfgs name (`timm-cabvit/cabvit_h_l1.in1k`, ...)
+do not exist until someone trains the models and pushes them.
+"""
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
+
+import safetensors.torch
+import timm
+import torch
+import torch.nn as nn
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from timm.layers import RelPosBias
+from timm.models import (
+    get_arch_pretrained_cfgs,
+    get_pretrained_cfg,
+    load_state_dict,
+    save_for_hf,
+    split_model_name_tag,
+)
+from timm.models._hub import generate_readme
+
+from .cabvit import GridPosBias, _convert_reference, _unwrap_checkpoint
+
+__all__ = [
+    'CheckpointError', 'check_checkpoint_file', 'create_model', 'export_checkpoint', 'load_checkpoint_file',
+    'parse_metrics', 'push',
+]
+
+PathLike = Union[str, os.PathLike]
+
+HUB_CONFIG = 'config.json'
+HUB_WEIGHTS = 'model.safetensors'
+
+_CITATION = """@article{zhang2022cabvit,
+  title={CabViT: Cross Attention among Blocks for Vision Transformer},
+  author={Zhang, Haokui and Hu, Wenze and Wang, Xiaoyu},
+  journal={arXiv preprint arXiv:2211.07198},
+  year={2022}
+}"""
+
+_DATASETS = {'in1k': 'ImageNet-1k', 'in22k': 'ImageNet-22k', 'in22k_ft_in1k': 'ImageNet-1k'}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or Hub repo that cannot be used; the message names it and says what to do."""
+
+
+def _local_file_hint(arch: str) -> str:
+    return (
+        f"To load a checkpoint file you have: timm.create_model('{arch}', pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='/path/to/checkpoint.safetensors')) "
+        f"(.pth, .pth.tar and .bin files of our, timm train.py or the reference layout work too).")
+
+
+def _resolve_name(model_name: str) -> Tuple[str, str]:
+    """Split 'arch.tag' and check both exist, so that a typo is not a silent fallback or a bare KeyError."""
+    arch, tag = split_model_name_tag(model_name)
+    models = timm.list_models('cabvit_*')
+    if arch not in models:
+        raise CheckpointError(f"Unknown model '{arch}'; the CabViT models are {', '.join(models)}.")
+    names = list(get_arch_pretrained_cfgs(arch))
+    if tag and f'{arch}.{tag}' not in names:
+        raise CheckpointError(
+            f"Unknown pretrained tag '{tag}' for {arch}; its tags are {', '.join(names)}. "
+            + _local_file_hint(arch))
+    return arch, tag
+
+
+def _check_safetensors(path: Path, size: int) -> Optional[str]:
+    """What is wrong with a safetensors file, from its header and length (no tensor is read), or None."""
+    with path.open('rb') as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f'{size} bytes, shorter than a safetensors header'
+        header_len = int.from_bytes(head, 'little')
+        if header_len > size - 8:
+            return f'its header claims {header_len} bytes but the file has {size}'
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return 'its header is not valid safetensors metadata'
+    if 8 + header_len + end != size:
+        return f'{size} bytes where its header promises {8 + header_len + end}'
+    return None
+
+
+def _check_zip(path: Path) -> Optional[str]:
+    """What is wrong with a zip-format torch.save file (all since torch 1.6), or None."""
+    with path.open('rb') as f:
+        is_zip = f.read(4) == b'PK\x03\x04'
+    if not is_zip:
+        return None  # legacy pickle format, checked by torch.load
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f'its zip archive is incomplete ({e})'
+    return f'its member {bad} fails the CRC check' if bad else None
+
+
+def check_checkpoint_file(path: PathLike, what: str = '', remedy: str = '') -> Path:
+    """Fail with the file's name if it is missing, empty, truncated or corrupt.
+
+    Cheap (headers and checksums), so that a bad download or copy is reported as such instead of as an obscure
+    deserialization error deep inside timm, torch or safetensors.
+
+    Args:
+        path: Checkpoint file, .safetensors or a torch.save file (.pth, .pth.tar, .bin).
+        what: What the file is, for the message, e.g. "the cached download of Hub repo 'org/name'".
+        remedy: What to do about a corrupt file, instead of copying or exporting it again.
+    """
+    path = Path(path)
+    what = f"Checkpoint file '{path}'" + (f' ({what})' if what else '')
+    if not path.is_file():
+        raise CheckpointError(f'{what} does not exist.')
+    size = path.stat().st_size
+    if size == 0:
+        problem = 'it is empty'
+    elif path.suffix == '.safetensors':
+        problem = _check_safetensors(path, size)
+    else:
+        problem = _check_zip(path)
+    if problem:
+        remedy = remedy or 'Copy or download it again, or export it again from the training checkpoint.'
+        raise CheckpointError(f'{what} is truncated or corrupt: {problem}. {remedy}')
+    return path
+
+
+def load_checkpoint_file(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint file (EMA weights first, as timm does), naming the file if it cannot be read."""
+    path = check_checkpoint_file(path)
+    try:
+        return load_state_dict(str(path))
+    except (RuntimeError, EOFError, ValueError, OSError, safetensors.SafetensorError) as e:
+        raise CheckpointError(
+            f"Checkpoint file '{path}' could not be read: it is truncated, corrupt or not a PyTorch or "
+            f"safetensors checkpoint ({e}).") from e
+
+
+def _weights_repo(model_name: str, overlay: Optional[Dict[str, Any]]) -> Tuple[str, Optional[str]]:
+    """The architecture and the Hub repo (with @revision) that `timm.create_model` takes the weights from."""
+    source, sep, model_id = model_name.partition(':')
+    if sep and source in ('hf-hub', 'hf_hub'):
+        # the architecture is in the repo's config.json; a repo named as ours, 'ORG/ARCH.TAG', tells it too
+        arch = split_model_name_tag(model_id.split('/')[-1].split('@')[0])[0]
+        return arch if arch in timm.list_models('cabvit_*') else 'ARCHITECTURE', model_id
+    if sep:
+        return model_name, None
+    arch, _ = _resolve_name(model_name)
+    cfg = dict(get_pretrained_cfg(model_name).to_dict(), **(overlay or {}))
+    if cfg.get('state_dict') is not None or cfg.get('file'):
+        return arch, None
+    return arch, cfg.get('hf_hub_id')
+
+
+def _explain_hub_error(error: Exception, arch: str, repo: str) -> Optional[CheckpointError]:
+    """A CheckpointError saying what to do about a failed load from a Hub repo, None if the repo is not at fault."""
+    repo_id, _, revision = repo.partition('@')
+    cache = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    if isinstance(error, RepositoryNotFoundError):
+        return CheckpointError(
+            f"Hugging Face Hub repo '{repo_id}' does not exist or is not accessible (HF_ENDPOINT "
+            f"{constants.ENDPOINT}). ImageNet weights of the CabViT models are not published yet; a private repo "
+            f"needs a token (hf auth login or HF_TOKEN). " + _local_file_hint(arch))
+    if isinstance(error, RevisionNotFoundError):
+        return CheckpointError(f"Hugging Face Hub repo '{repo_id}' has no revision '{revision}'.")
+    if isinstance(error, RemoteEntryNotFoundError):
+        return CheckpointError(
+            f"Hugging Face Hub repo '{repo_id}' lacks a file timm needs ({error.response.url}); a repo written by "
+            f"`timm-cabvit export` and `timm-cabvit push` has {HUB_CONFIG} and {HUB_WEIGHTS}.")
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        offline = ' HF_HUB_OFFLINE is set.' if constants.HF_HUB_OFFLINE else ''
+        return CheckpointError(
+            f"Could not download Hugging Face Hub repo '{repo_id}' from {constants.ENDPOINT}, and it is not in the "
+            f"cache ({cache}).{offline} Load it once with network access (later loads work offline), or load a "
+            f"local copy. " + _local_file_hint(arch))
+    for filename in (HUB_WEIGHTS, 'pytorch_model.bin'):
+        cached = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+        if isinstance(cached, str):
+            try:
+                check_checkpoint_file(
+                    cached,
+                    what=f"the cached download of Hugging Face Hub repo '{repo_id}'",
+                    remedy=f'Delete {cache} to download it again; if that fails too, the file in the repo is bad: '
+                           f'export and push it again.')
+            except CheckpointError as e:
+                return e
+    return None
+
+
+def create_model(
+        model_name: str,
+        pretrained: bool = False,
+        checkpoint: Optional[PathLike] = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """`timm.create_model` for CabViT models, with errors that name the file or Hub repo at fault and the way out.
+
+    Args:
+        model_name: A CabViT model, with or without pretrained tag ('cabvit_h_l1', 'cabvit_h_l1.in1k'), or
+            'hf-hub:ORG/NAME' for weights exported by `export_checkpoint`.
+        pretrained: Load the weights the pretrained cfg names (a Hub repo unless pretrained_cfg_overlay says else).
+        checkpoint: A local checkpoint file of any layout `checkpoint_filter_fn` accepts; implies pretrained.
+        **kwargs: Passed to `timm.create_model` (num_classes, in_chans, img_size, pretrained_cfg_overlay, ...).
+    """
+    if checkpoint is not None:
+        path = check_checkpoint_file(checkpoint)
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=str(path))
+        pretrained = True
+    arch, repo = _weights_repo(model_name, kwargs.get('pretrained_cfg_overlay'))
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (HfHubHTTPError, EntryNotFoundError, OSError, RuntimeError, safetensors.SafetensorError) as e:
+        if repo is None:
+            raise
+        explained = _explain_hub_error(e, arch, repo)
+        if explained is None:
+            raise
+        raise explained from e
+
+
+def parse_metrics(items: Iterable[str]) -> Dict[str, Union[float, str]]:
+    """'top1=80.3' strings, as given on the command line, to a metrics dict (numbers as floats)."""
+    metrics = {}
+    for item in items:
+        name, sep, value = item.partition('=')
+        if not sep or not name.strip():
+            raise ValueError(f"A metric is NAME=VALUE, e.g. top1=80.3; got '{item}'.")
+        try:
+            metrics[name.strip()] = float(value)
+        except ValueError:
+            metrics[name.strip()] = value.strip()
+    return metrics
+
+
+def _saved_input(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, Any]:
+    """num_classes, in_chans and img_size the weights were trained with.
+
+    Read from the classifier, the first conv and the first position bias table, whose grid must be square (pass
+    img_size for weights trained on other shapes).
+    """
+    cfg = model.pretrained_cfg
+    classifier = state_dict.get(f"{cfg['classifier']}.weight")
+    first_conv = state_dict.get(f"{cfg['first_conv']}.weight")
+    saved = dict(num_classes=classifier.shape[0] if classifier is not None else 0)
+    if first_conv is not None:
+        saved['in_chans'] = first_conv.shape[1]
+    for name, module in model.named_modules():
+        if isinstance(module, GridPosBias):
+            table, grid = state_dict.get(f'{name}.attention_biases'), module.grid_size
+        elif isinstance(module, RelPosBias):
+            table, grid = state_dict.get(f'{name}.relative_position_bias_table'), module.window_size
+        else:
+            continue
+        if table is None:
+            break  # reported by the fit check of checkpoint_filter_fn
+        if isinstance(module, GridPosBias):
+            side = math.isqrt(table.shape[-1])
+            square = side * side == table.shape[-1]
+        else:
+            num_offsets = max(table.shape[0] - 3, 0)  # (2H - 1) (2W - 1) offsets and 3 class-token entries
+            side = (math.isqrt(num_offsets) + 1) // 2
+            square = num_offsets > 0 and (2 * side - 1) ** 2 == num_offsets
+        if not square:
+            raise CheckpointError(
+                f"Cannot tell the input size of the checkpoint from '{name}'; pass img_size (--img-size).")
+        stride = model.img_size[0] // grid[0]
+        saved['img_size'] = (side * stride, side * stride)
+        break
+    return saved
+
+
+def export_checkpoint(
+        checkpoint: Union[PathLike, Dict[str, Any]],
+        model_name: str,
+        out_dir: PathLike,
+        metrics: Optional[Dict[str, Union[float, str]]] = None,
+        img_size: Optional[Union[int, Tuple[int, int]]] = None,
+        repo_id: Optional[str] = None,
+        model_card: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write the Hub layout timm reads: config.json, model.safetensors and a README.md model card.
+
+    The weights are loaded strictly through timm's `load_pretrained` and `checkpoint_filter_fn`, into a model with
+    the class count, input channels and input size of the checkpoint itself, so the export holds what was trained.
+
+    Args:
+        checkpoint: File or state dict of our layout, a timm train.py checkpoint or the reference layout.
+        model_name: CabViT model, optionally with the pretrained tag whose metadata to use ('cabvit_h_l1.in1k').
+        out_dir: Folder to write (created if needed).
+        metrics: Evaluation results for the model card, e.g. {'top1': 80.3, 'top5': 95.0}.
+        img_size: Input size the weights were trained at, when not a square one readable from the bias tables.
+        repo_id: Hub repo the folder is meant for, used in the card's usage example (default: the cfg's hf_hub_id).
+        model_card: Entries overriding those of the generated card (timm's `generate_readme` format).
+
+    Returns:
+        The output folder.
+    """
+    arch, tag = _resolve_name(model_name)
+    state_dict = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    state_dict = _unwrap_checkpoint(state_dict)
+    if any(k.startswith(('patch_embed.seq.', 'layer_', 'norm_head.')) for k in state_dict):
+        state_dict = _convert_reference(state_dict)
+    saved = _saved_input(state_dict, timm.create_model(model_name, device='meta'))
+    if img_size is not None:
+        saved['img_size'] = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    in_chans = saved.get('in_chans', 3)
+    overlay = dict(state_dict=state_dict, num_classes=saved['num_classes'])
+    if 'img_size' in saved:
+        overlay['input_size'] = (in_chans, *saved['img_size'])
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **saved).eval()
+
+    out_dir = Path(out_dir)
+    save_for_hf(model, out_dir, safe_serialization=True)
+    written = safetensors.torch.load_file(out_dir / HUB_WEIGHTS)
+    expected = model.state_dict()
+    if written.keys() != expected.keys() or any(not torch.equal(written[k], v) for k, v in expected.items()):
+        raise CheckpointError(f"'{out_dir / HUB_WEIGHTS}' does not hold the model's weights after writing it.")
+
+    repo_id = repo_id or model.pretrained_cfg.get('hf_hub_id') or f'ORG/{model_name}'
+    card = _model_card(model, arch, tag, repo_id)
+    card.update(model_card or {})
+    citation = card.pop('citation', None)
+    readme = generate_readme(card, repo_id.split('/')[-1]) + _metrics_section(metrics)
+    if citation:
+        readme += f'\n## Citation\n```bibtex\n{citation}\n```\n'
+    (out_dir / 'README.md').write_text(readme, encoding='utf-8')
+    return out_dir
+
+
+def _model_card(
+        model: nn.Module,
+        arch: str,
+        tag: str,
+        repo_id: str,
+) -> Dict[str, Any]:
+    """Model card entries in the format of timm's `generate_readme`."""
+    cfg = model.pretrained_cfg
+    num_params = sum(p.numel() for p in model.parameters())
+    details = {
+        'Model Type': 'Image classification / feature backbone',
+        'Model Stats': {
+            'Params (M)': f'{num_params / 1e6:.1f}',
+            'Image size': f'{model.img_size[0]} x {model.img_size[1]}',
+            'Classes': model.num_classes,
+        },
+        'Papers': {cfg.get('paper_name', 'CabViT'): 'https://arxiv.org/abs/2211.07198'},
+    }
+    dataset = _DATASETS.get(tag or cfg.get('tag') or '')
+    if dataset:
+        details['Dataset'] = dataset
+    usage = (
+        '```python\n'
+        'import timm\n'
+        'import timm_cabvit  # registers the CabViT models with timm\n\n'
+        f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()\n"
+        'data_config = timm.data.resolve_model_data_config(model)\n'
+        'transforms = timm.data.create_transform(**data_config, is_training=False)\n'
+        '```')
+    return dict(
+        description=(
+            f'A CabViT ({arch}) image classification model: vision transformer blocks that also attend to tokens '
+            f'merged from the earlier blocks of their stage. Weights for `timm` with the `timm-cabvit` package.'),
+        details=details,
+        usage=usage,
+        citation=_CITATION,
+        license=cfg.get('license', 'apache-2.0'),
+        tags=['image-classification', 'timm', 'timm-cabvit'],
+    )
+
+
+def _metrics_section(metrics: Optional[Dict[str, Union[float, str]]]) -> str:
+    """The evaluation results as a markdown table, before the citation."""
+    if not metrics:
+        return ''
+    rows = ''.join(f'| {k} | {v} |\n' for k, v in metrics.items())
+    return f'\n## Results\n| metric | value |\n|---|---|\n{rows}'
+
+
+def _check_export_folder(folder: Path) -> Dict[str, Any]:
+    """The folder's config, after checking it holds what timm needs to load it from the Hub."""
+    config_path = folder / HUB_CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"'{folder}' has no {HUB_CONFIG}: write the folder with `timm-cabvit export` (export_checkpoint) first.")
+    try:
+        config = json.loads(config_path.read_text(encoding='utf-8'))
+    except ValueError as e:
+        raise CheckpointError(f"'{config_path}' is not valid JSON ({e}); export the folder again.") from e
+    if config.get('architecture') not in timm.list_models('cabvit_*'):
+        raise CheckpointError(
+            f"'{config_path}' names architecture {config.get('architecture')!r}, not a CabViT model; "
+            f"export the folder again.")
+    check_checkpoint_file(folder / HUB_WEIGHTS)
+    return config
+
+
+def push(
+        folder: PathLike,
+        repo_id: str,
+        token: Optional[str] = None,
+        private: bool = False,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        commit_message: str = 'Add CabViT weights',
+) -> str:
+    """Upload a folder written by `export_checkpoint` to a Hub model repo, creating the repo if needed.
+
+    Args:
+        folder: Output folder of `export_checkpoint`.
+        repo_id: 'ORG/NAME' of the model repo.
+        token: Hub token with write access; default: the one of `hf auth login` or HF_TOKEN.
+        private: Create the repo private.
+        revision: Branch to commit to.
+        create_pr: Open a pull request instead of committing.
+        commit_message: Message of the commit.
+
+    Returns:
+        URL of the commit (or pull request).
+    """
+    folder = Path(folder)
+    _check_export_folder(folder)
+    api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message,
+        )
+    except HfHubHTTPError as e:
+        raise CheckpointError(
+            f"Uploading '{folder}' to Hugging Face Hub repo '{repo_id}' failed ({e}). Log in with "
+            f"`hf auth login` (or set HF_TOKEN) with a token that may write to '{repo_id.split('/')[0]}'.") from e
+    return commit.pr_url or commit.commit_url
