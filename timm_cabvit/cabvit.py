@@ -165,6 +165,7 @@ class DigestCalibration(nn.Module):
     """Scale each digest token by a learnable scalar, then LayerNorm (the reference's order, see module doc).
 
     The LayerNorm after the scale cancels it but for eps; kept for compatibility with the reference weights.
+    `scale=False` leaves the scales out (the paper's ablation without them).
     """
 
     def __init__(
@@ -173,28 +174,33 @@ class DigestCalibration(nn.Module):
             depth: int,
             digest_grid: Tuple[int, int],
             norm_layer: Type[nn.Module],
+            scale: bool = True,
             device=None,
             dtype=None,
     ):
         super().__init__()
         self.digest_grid = digest_grid
         num_digest = digest_grid[0] * digest_grid[1]
-        self.scale = nn.Parameter(torch.ones(depth, num_digest, device=device, dtype=dtype))
+        self.scale = nn.Parameter(torch.ones(depth, num_digest, device=device, dtype=dtype)) if scale else None
         self.norm = norm_layer(dim, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.scale)
+        if self.scale is not None:
+            nn.init.ones_(self.scale)
 
     def set_grid_size(self, digest_grid: Tuple[int, int]) -> None:
-        with torch.no_grad():
-            self.scale = nn.Parameter(
-                resize_token_grid(self.scale, self.digest_grid, digest_grid),
-                requires_grad=self.scale.requires_grad,
-            )
+        if self.scale is not None:
+            with torch.no_grad():
+                self.scale = nn.Parameter(
+                    resize_token_grid(self.scale, self.digest_grid, digest_grid),
+                    requires_grad=self.scale.requires_grad,
+                )
         self.digest_grid = digest_grid
 
     def forward(self, digests: torch.Tensor) -> torch.Tensor:
-        return self.norm(digests * self.scale.reshape(1, -1, 1))
+        if self.scale is not None:
+            digests = digests * self.scale.reshape(1, -1, 1)
+        return self.norm(digests)
 
 
 class CrossBlockAttention(nn.Module):
@@ -259,7 +265,10 @@ class CrossBlockAttention(nn.Module):
             self.attention_bias_cache[device_key] = self._attention_bias()
         return self.attention_bias_cache[device_key]
 
-    def forward(self, x: torch.Tensor, digests: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _qkv(
+            self, x: torch.Tensor, digests: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries of the tokens; keys and values of the tokens followed by those of the digests."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if digests is not None:
@@ -267,6 +276,18 @@ class CrossBlockAttention(nn.Module):
                 B, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             k = torch.cat([k, k_d], dim=2)
             v = torch.cat([v, v_d], dim=2)
+        return q, k, v
+
+    @torch.jit.ignore
+    def attention_weights(self, x: torch.Tensor, digests: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Softmax attention of each token over tokens and digests, (B, heads, N, N + digests), for inspection."""
+        q, k, _ = self._qkv(x, digests)
+        bias = self.get_attention_bias(x.device).to(q.dtype)
+        return ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, digests: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self._qkv(x, digests)
         bias = self.get_attention_bias(x.device).to(q.dtype)
 
         if self.fused_attn:
@@ -331,6 +352,8 @@ class CabViTBlock(nn.Module):
     """Block i of a stage: attention over its tokens and the digests of blocks 0..i-1, TME, FFN.
 
     Returns the tokens and this block's digest tokens (None for the last block of a stage).
+    `cross_block=False` makes it a plain block (no merge, no digest keys, scales, norm or depth bias) and
+    `digest_scale=False` drops the digest scales: the paper's ablations.
     """
 
     def __init__(
@@ -341,6 +364,8 @@ class CabViTBlock(nn.Module):
             block_idx: int,
             merge: bool = True,
             num_prefix_tokens: int = 0,
+            cross_block: bool = True,
+            digest_scale: bool = True,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
             ls_init_value: Optional[float] = 1e-6,
@@ -359,8 +384,8 @@ class CabViTBlock(nn.Module):
             pos_bias = RelPosBias(grid_size, num_heads, prefix_tokens=num_prefix_tokens, **dd)
         else:
             pos_bias = GridPosBias(num_heads, grid_size, **dd)
-        if block_idx > 0:
-            self.digest_calib = DigestCalibration(dim, block_idx, digest_grid, norm_layer, **dd)
+        if block_idx > 0 and cross_block:
+            self.digest_calib = DigestCalibration(dim, block_idx, digest_grid, norm_layer, scale=digest_scale, **dd)
             depth_bias = RelativeDepthBias(num_heads, block_idx, digest_grid, **dd)
         else:
             self.digest_calib = None
@@ -372,7 +397,8 @@ class CabViTBlock(nn.Module):
         self.ls1 = LayerScale(dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-        self.tme = TokenMergeEnhance(dim, grid_size, merge=merge, num_prefix_tokens=num_prefix_tokens, **dd)
+        self.tme = TokenMergeEnhance(
+            dim, grid_size, merge=merge and cross_block, num_prefix_tokens=num_prefix_tokens, **dd)
 
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = PreNormMlp(dim, int(dim * mlp_ratio), act_layer, norm_layer, drop=proj_drop, **dd)
@@ -491,6 +517,8 @@ class CabViTStage(nn.Module):
             depth: int,
             num_heads: int,
             grid_size: Tuple[int, int],
+            cross_block: bool = True,
+            digest_scale: bool = True,
             mlp_ratio: float = 4.,
             ls_init_value: float = 1e-6,
             proj_drop: float = 0.,
@@ -514,6 +542,8 @@ class CabViTStage(nn.Module):
                 grid_size,
                 block_idx=i,
                 merge=i < depth - 1,
+                cross_block=cross_block,
+                digest_scale=digest_scale,
                 mlp_ratio=mlp_ratio,
                 ls_init_value=ls_init_value,
                 proj_drop=proj_drop,
@@ -580,6 +610,8 @@ class CabViT(nn.Module):
             embed_dims: Tuple[int, ...] = (64, 128, 192, 320),
             depths: Tuple[int, ...] = (2, 2, 6, 2),
             num_heads: Tuple[Optional[int], ...] = (None, None, 6, 10),
+            cross_block: bool = True,
+            digest_scale: bool = True,
             mlp_ratio: float = 4.,
             ls_init_value: float = 1e-6,
             act_layer: Union[str, Callable] = nn.GELU,
@@ -600,6 +632,9 @@ class CabViT(nn.Module):
             embed_dims: Channels of each stage.
             depths: Blocks in each stage.
             num_heads: Attention heads of each stage, None for a ConvNeXt stage.
+            cross_block: Cross-block attention; False gives plain global attention with the position bias
+                (no digests: no merge conv, digest keys, scales, norm or depth bias).
+            digest_scale: The learnable digest scales; False leaves them out.
             mlp_ratio: Hidden / input width of every MLP.
             ls_init_value: Initial layer scale of every block.
             drop_rate: Dropout before the classifier.
@@ -635,8 +670,8 @@ class CabViT(nn.Module):
                 stages.append(ConvStage(in_chs, dim, depth, downsample=i > 0, **common))
             else:
                 stages.append(CabViTStage(
-                    in_chs, dim, depth, heads, grids[i], proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                    norm_layer=norm_layer, **common))
+                    in_chs, dim, depth, heads, grids[i], cross_block=cross_block, digest_scale=digest_scale,
+                    proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer, **common))
             in_chs = dim
             self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -775,6 +810,8 @@ class CabViTPlain(nn.Module):
             embed_dim: int = 192,
             depth: int = 12,
             num_heads: int = 3,
+            cross_block: bool = True,
+            digest_scale: bool = True,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
             ls_init_value: Optional[float] = None,
@@ -797,6 +834,8 @@ class CabViTPlain(nn.Module):
             embed_dim: Token width.
             depth: Number of CabViT blocks (one stage).
             num_heads: Attention heads.
+            cross_block: Cross-block attention; False gives DeiT with relative position bias and TME.
+            digest_scale: The learnable digest scales; False leaves them out.
             ls_init_value: Layer scale init, None for none (DeiT has none).
             drop_rate: Dropout before the classifier.
             drop_path_rate: Stochastic depth, linear from 0 over the blocks.
@@ -828,6 +867,8 @@ class CabViTPlain(nn.Module):
                 block_idx=i,
                 merge=i < depth - 1,
                 num_prefix_tokens=1,
+                cross_block=cross_block,
+                digest_scale=digest_scale,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
                 ls_init_value=ls_init_value,
