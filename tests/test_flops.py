@@ -1,0 +1,61 @@
+"""The paper's accounting: FLOPs and parameters by component, and what cross-block attention costs."""
+import json
+import math
+
+import pytest
+import timm
+
+from timm_cabvit.cli import flops_report, main
+from timm_cabvit.flops import COMPONENTS, count_flops, flops_by_component
+
+
+def _digest_parameters(dim: int, heads: int, depth: int, grid: tuple) -> int:
+    """Merge convs, digest norms, digest scales and depth biases of one CabViT stage, by ARCHITECTURE.md."""
+    digests = math.ceil(grid[0] / 4) * math.ceil(grid[1] / 4)
+    earlier = sum(range(depth))  # block i reads the digests of i earlier blocks
+    return (depth - 1) * (dim * 49 + 2 * dim) + earlier * digests * (1 + heads)
+
+
+@pytest.mark.parametrize('model_name, stages', [
+    ('cabvit_h_l1', [(192, 6, 6, (14, 14)), (320, 10, 2, (7, 7))]),
+    ('cabvit_p_l0', [(192, 3, 12, (14, 14))]),
+])
+def test_cross_block_off_removes_exactly_the_digest_parameters(model_name, stages):
+    full = timm.create_model(model_name, device='meta')
+    plain = timm.create_model(model_name, device='meta', cross_block=False)
+    removed = sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert removed == sum(_digest_parameters(*stage) for stage in stages)
+    assert count_flops(timm.create_model(model_name, cross_block=False)) < count_flops(timm.create_model(model_name))
+
+
+@pytest.mark.parametrize('model_name', ['cabvit_h_l1', 'cabvit_p_l0'])
+def test_components_sum_to_the_totals(model_name):
+    model = timm.create_model(model_name)
+    components = flops_by_component(model)
+    assert sum(c['params'] for c in components.values()) == sum(p.numel() for p in model.parameters())
+    assert sum(c['flops'] for c in components.values()) == count_flops(model)
+    assert components['other'] == dict(params=0, flops=0)
+    assert components['attention']['flops'] > 0 and components['FFN']['flops'] > 0
+
+
+def test_digest_scales_add_parameters_but_no_flops():
+    with_scales = timm.create_model('cabvit_h_l1')
+    without = timm.create_model('cabvit_h_l1', digest_scale=False)
+    assert sum(p.numel() for p in with_scales.parameters()) - sum(p.numel() for p in without.parameters()) == 244
+    assert count_flops(with_scales) == count_flops(without)
+
+
+def test_flops_command_json_and_plot(tmp_path, capsys):
+    plot = tmp_path / 'flops.png'
+    assert main(['flops', 'cabvit_h_l1', '--img-size', '160', '--json', '--plot', str(plot)]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report['img_size'] == [160, 160] and set(report['with_cross_block']['components']) == {*COMPONENTS, 'other'}
+    assert report['with_cross_block']['flops'] > report['without_cross_block']['flops']
+    assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and plot.stat().st_size > 10_000
+
+
+def test_flops_table_reports_the_extra_cost():
+    report = flops_report('cabvit_h_l1', (224, 224))
+    assert report['with_cross_block']['params'] == 6_187_560
+    assert report['with_cross_block']['flops'] - report['without_cross_block']['flops'] == pytest.approx(
+        0.047e9, rel=0.02)
