@@ -82,6 +82,27 @@ def check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> to
     return x
 
 
+class ConvBnAct(ConvNormAct):
+    """timm's ConvNormAct (conv, BatchNorm, activation) that folds the BatchNorm into the conv for inference.
+
+    `timm.utils.reparameterize_model` replaces it with the result of `fuse()`: a biased conv, followed by the
+    activation where there is one.
+    """
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        conv, bn = self.conv, self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused = nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, bias=True, padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        bias = bn.bias - bn.running_mean * scale
+        fused.bias.copy_(bias if conv.bias is None else bias + conv.bias * scale)
+        tail = [m for m in (bn.drop, bn.act) if not isinstance(m, nn.Identity)]
+        return nn.Sequential(fused, *tail) if tail else fused
+
+
 class GridPosBias(nn.Module):
     """LeViT-style position bias: one learnable value per head and absolute offset (|dy|, |dx|) on the grid."""
 
@@ -458,9 +479,9 @@ class Downsample(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, act_layer: Type[nn.Module] = nn.GELU, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.conv1 = ConvNormAct(in_chs, out_chs, 1, act_layer=act_layer, **dd)
-        self.conv2 = ConvNormAct(out_chs, out_chs, 3, stride=2, padding=1, groups=out_chs, act_layer=act_layer, **dd)
-        self.conv3 = ConvNormAct(out_chs, out_chs, 1, apply_act=False, **dd)
+        self.conv1 = ConvBnAct(in_chs, out_chs, 1, act_layer=act_layer, **dd)
+        self.conv2 = ConvBnAct(out_chs, out_chs, 3, stride=2, padding=1, groups=out_chs, act_layer=act_layer, **dd)
+        self.conv3 = ConvBnAct(out_chs, out_chs, 1, apply_act=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv3(self.conv2(self.conv1(x)))
@@ -656,8 +677,8 @@ class CabViT(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = nn.Sequential(
-            ConvNormAct(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1, act_layer=act_layer, **dd),
-            ConvNormAct(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1, apply_act=False, **dd),
+            ConvBnAct(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1, act_layer=act_layer, **dd),
+            ConvBnAct(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1, apply_act=False, **dd),
         )
         grids = _stage_grids(self.img_size, len(depths))
         dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
