@@ -5,7 +5,8 @@ import math
 import pytest
 import timm
 
-from timm_cabvit.cli import flops_report, main
+from timm_cabvit.accounting import flops_report
+from timm_cabvit.cli import main
 from timm_cabvit.flops import COMPONENTS, count_flops, flops_by_component
 
 
@@ -59,3 +60,11 @@ def test_flops_table_reports_the_extra_cost():
     assert report['with_cross_block']['params'] == 6_187_560
     assert report['with_cross_block']['flops'] - report['without_cross_block']['flops'] == pytest.approx(
         0.047e9, rel=0.02)
+
+
+def test_ablation_ladder_ends_at_the_model_and_prints_the_papers_increments(capsys):
+    assert main(['ablation', 'cabvit_h_l1']) == 0
+    out = capsys.readouterr().out
+    last = next(line for line in out.splitlines() if line.startswith('+ learnable digest scales'))
+    assert '6,187,560' in last and '1.385' in last
+    assert '+3.4 %' in out and '13%' in out  # the paper's Table 4 step and Sec. 3.3 claim, printed beside ours

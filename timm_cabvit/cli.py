@@ -1,6 +1,7 @@
 """`timm-cabvit`: the CabViT models at a glance (parameters, FLOPs, the paper's figures, measured speed).
 
-Subcommands: `flops` decomposes parameters and FLOPs by component; `recipe` prints a training recipe for
+Subcommands: `flops` decomposes parameters and FLOPs by component, `ablation` prints the paper's Table 4
+ladder for our models; `recipe` prints a training recipe for
 timm's train.py; `export` writes a checkpoint in the Hub layout timm reads and `push` uploads it.
 """
 import argparse
@@ -15,7 +16,8 @@ import timm
 import torch
 from tqdm import tqdm
 
-from .flops import COMPONENTS, count_flops, flops_by_component
+from .accounting import ablation_ladder, ablation_table, flops_report, flops_table, save_flops_plot
+from .flops import count_flops
 from .paper import PAPER
 
 
@@ -83,72 +85,6 @@ def models_table(
     return rows
 
 
-def flops_report(model_name: str, img_size: tuple) -> dict:
-    """Parameters and FLOPs by component, of the model and of the same model without cross-block attention."""
-    report = {'model': model_name, 'img_size': list(img_size)}
-    for key, kwargs in (('with_cross_block', {}), ('without_cross_block', dict(cross_block=False))):
-        components = flops_by_component(timm.create_model(model_name, img_size=img_size, **kwargs), img_size)
-        report[key] = dict(
-            params=sum(c['params'] for c in components.values()),
-            flops=sum(c['flops'] for c in components.values()),
-            components=components,
-        )
-    return report
-
-
-def _pct(part: float, whole: float) -> str:
-    return f'{100 * part / whole:+.1f} %' if whole else '-'
-
-
-def flops_table(report: dict) -> List[str]:
-    full, plain = report['with_cross_block'], report['without_cross_block']
-    height, width = report['img_size']
-    header = (f"{'component':<16} {'params':>11} {'share':>7} {'GFLOPs':>8} {'share':>7} | "
-              f"{'w/o cross-block':>15} {'extra':>9}")
-    rows = [f"{report['model']} at {height}x{width}: {full['params']:,} parameters, {full['flops'] / 1e9:.3f} GFLOPs",
-            header, '-' * len(header)]
-    for name in (*COMPONENTS, 'other'):
-        c, p = full['components'][name], plain['components'][name]
-        if not (c['params'] or c['flops'] or p['flops']):
-            continue
-        extra = (c['flops'] - p['flops']) / 1e9
-        rows.append(
-            f"{name:<16} {c['params']:>11,} {100 * c['params'] / full['params']:>6.1f}% {c['flops'] / 1e9:>8.3f} "
-            f"{100 * c['flops'] / full['flops']:>6.1f}% | {p['flops'] / 1e9:>15.3f} {extra:>+9.3f}")
-    rows.append(
-        f"cross-block attention: {(full['flops'] - plain['flops']) / 1e9:+.3f} GFLOPs "
-        f"({_pct(full['flops'] - plain['flops'], plain['flops'])}), {full['params'] - plain['params']:+,} parameters "
-        f"({_pct(full['params'] - plain['params'], plain['params'])})")
-    return rows
-
-
-def save_flops_plot(reports: List[dict], path: str) -> None:
-    """Stacked bars of GFLOPs by component, each model with and without cross-block attention."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    labels, bars = [], []
-    for report in reports:
-        for key, suffix in (('with_cross_block', ''), ('without_cross_block', '\nno cross-block')):
-            labels.append(report['model'] + suffix)
-            bars.append(report[key]['components'])
-    fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 3, 4.5))
-    bottom = [0.] * len(labels)
-    for name in (*COMPONENTS, 'other'):
-        values = [b[name]['flops'] / 1e9 for b in bars]
-        if any(values):
-            ax.bar(labels, values, bottom=bottom, label=name)
-            bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_ylabel('GFLOPs (fvcore, one multiply-add = one FLOP)')
-    height, width = reports[0]['img_size']
-    ax.set_title(f'FLOPs by component at {height}x{width}')
-    ax.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def recipe_path(model_name: str):
     """The packaged train.py recipe (YAML) of a model."""
     path = files('timm_cabvit') / 'recipes' / f'{model_name}.yaml'
@@ -188,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help='input size (default: 224)')
     flops.add_argument('--json', action='store_true', help='print JSON instead of tables')
     flops.add_argument('--plot', metavar='PNG', help='also write a bar chart of the decomposition to this file')
+    ablation = commands.add_parser(
+        'ablation', help="the paper's ablation ladder (Table 4): parameters and FLOPs as each idea is added",
+        description='Parameters and FLOPs of a model as the ideas of the paper are switched on one at a time '
+                    '(model arguments cross_block and digest_scale), beside the increments of the paper\'s '
+                    'Table 4 and its "about 13 %% extra compute".')
+    ablation.add_argument('model', nargs='?', default='cabvit_h_l1', help='model (default: %(default)s)')
+    ablation.add_argument('--img-size', type=_img_size, default=(224, 224), metavar='HxW',
+                          help='input size (default: 224)')
+    ablation.add_argument('--json', action='store_true', help='print JSON instead of a table')
     recipe = commands.add_parser(
         'recipe', help="print a model's ImageNet training recipe for timm's train.py",
         description="Print the paper's ImageNet training recipe of a model as a YAML config for timm's train.py "
@@ -255,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import timm_cabvit  # noqa: F401  (registers the models)
     if args.command in ('export', 'push'):
         return _run_hub_command(args)
-    models = args.models if args.command in (None, 'flops') else []
+    models = args.models if args.command in (None, 'flops') else [args.model] if args.command == 'ablation' else []
     unknown = [m for m in models if m not in timm.list_models('cabvit*')]
     if unknown:
         print(f"timm-cabvit: unknown model(s) {', '.join(unknown)}; "
@@ -269,6 +214,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print('\n\n'.join('\n'.join(flops_table(report)) for report in reports))
         if args.plot:
             save_flops_plot(reports, args.plot)
+        return 0
+    if args.command == 'ablation':
+        ladder = ablation_ladder(args.model, args.img_size)
+        print(json.dumps(ladder, indent=2) if args.json else '\n'.join(ablation_table(args.model, ladder)))
         return 0
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
