@@ -48,3 +48,19 @@ def test_export_writes_a_folder_timm_loads(tmp_path, capsys):
     assert main(['export', str(tmp_path / 'checkpoint.pth.tar'), '--model', 'cabvit_h_l2', '--out',
                  str(tmp_path / 'wrong')]) == 1
     assert 'does not fit cabvit_h_l2' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('command', [['ablation', 'cabvit_h_l9'], ['flops', 'cabvit_h_l9'],
+                                     ['attention', 'x.png', '--model', 'cabvit_h_l9']])
+def test_subcommands_reject_unknown_models(command, capsys):
+    assert main(command) == 2
+    assert 'unknown model(s) cabvit_h_l9' in capsys.readouterr().err
+
+
+def test_attention_command_writes_a_png(tmp_path):
+    from PIL import Image
+    Image.new('RGB', (64, 48), (10, 120, 200)).save(tmp_path / 'image.png')
+    out = tmp_path / 'attention.png'
+    assert main(['attention', str(tmp_path / 'image.png'), '--model', 'cabvit_h_l1', '--img-size', '64',
+                 '--blocks', 'stages.2.blocks.1', '--out', str(out)]) == 0
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

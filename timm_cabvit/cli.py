@@ -1,7 +1,7 @@
 """`timm-cabvit`: the CabViT models at a glance (parameters, FLOPs, the paper's figures, measured speed).
 
 Subcommands: `flops` decomposes parameters and FLOPs by component, `ablation` prints the paper's Table 4
-ladder for our models; `recipe` prints a training recipe for
+ladder for our models, `attention` draws attention maps (the paper's Fig. 6); `recipe` prints a training recipe for
 timm's train.py; `export` writes a checkpoint in the Hub layout timm reads and `push` uploads it.
 """
 import argparse
@@ -133,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument('--img-size', type=_img_size, default=(224, 224), metavar='HxW',
                           help='input size (default: 224)')
     ablation.add_argument('--json', action='store_true', help='print JSON instead of a table')
+    attention = commands.add_parser(
+        'attention', help='draw the attention maps of chosen blocks, digest-token columns marked, as a PNG',
+        description="The softmax attention of chosen CabViT blocks for one image (queries x [tokens; digests]), "
+                    "the digest-token columns in a red box, as in the paper's Fig. 6.")
+    attention.add_argument('image', help='image file (JPEG, PNG, ...)')
+    attention.add_argument('--model', required=True, metavar='NAME', help='CabViT model, e.g. cabvit_h_l1')
+    attention.add_argument('--checkpoint', metavar='FILE',
+                           help='weights (ours, a train.py checkpoint or the reference layout); default: random')
+    attention.add_argument('--blocks', nargs='+', metavar='NAME',
+                           help='blocks, e.g. stages.2.blocks.1 (default: blocks 2, 4, 6 of stage 3 and 2 of '
+                                'stage 4; CabViT-P: blocks.1 blocks.3 blocks.5 blocks.11)')
+    attention.add_argument('--img-size', type=_img_size, metavar='HxW',
+                           help='input size the model is built for (default: 224)')
+    attention.add_argument('--out', default='attention.png', metavar='PNG', help='file to write (default: %(default)s)')
     recipe = commands.add_parser(
         'recipe', help="print a model's ImageNet training recipe for timm's train.py",
         description="Print the paper's ImageNet training recipe of a model as a YAML config for timm's train.py "
@@ -200,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import timm_cabvit  # noqa: F401  (registers the models)
     if args.command in ('export', 'push'):
         return _run_hub_command(args)
-    models = args.models if args.command in (None, 'flops') else [args.model] if args.command == 'ablation' else []
+    models = [args.model] if hasattr(args, 'model') else args.models
     unknown = [m for m in models if m not in timm.list_models('cabvit*')]
     if unknown:
         print(f"timm-cabvit: unknown model(s) {', '.join(unknown)}; "
@@ -214,6 +228,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print('\n\n'.join('\n'.join(flops_table(report)) for report in reports))
         if args.plot:
             save_flops_plot(reports, args.plot)
+        return 0
+    if args.command == 'attention':
+        from .attention_maps import run_attention_command
+        try:
+            print(run_attention_command(args.image, args.model, checkpoint=args.checkpoint, blocks=args.blocks,
+                                        out=args.out, img_size=args.img_size))
+        except (ValueError, OSError) as e:
+            print(f'timm-cabvit attention: {e}', file=sys.stderr)
+            return 1
         return 0
     if args.command == 'ablation':
         ladder = ablation_ladder(args.model, args.img_size)
