@@ -65,6 +65,6 @@ def test_flops_table_reports_the_extra_cost():
 def test_ablation_ladder_ends_at_the_model_and_prints_the_papers_increments(capsys):
     assert main(['ablation', 'cabvit_h_l1']) == 0
     out = capsys.readouterr().out
-    last = next(line for line in out.splitlines() if line.startswith('+ learnable digest scales'))
+    last = next(line for line in out.splitlines() if line.startswith('+ TME enhance branch'))
     assert '6,187,560' in last and '1.385' in last
     assert '+3.4 %' in out and '13%' in out  # the paper's Table 4 step and Sec. 3.3 claim, printed beside ours

@@ -80,9 +80,10 @@ def save_flops_plot(reports: List[dict], path: str) -> None:
 def ablation_ladder(model_name: str, img_size: Tuple[int, int] = (224, 224)) -> List[Dict]:
     """Parameters and FLOPs as the paper's ideas are added one at a time, ending at the registered model."""
     steps = [
-        ('global attention (cross_block=False)', dict(cross_block=False)),
-        ('+ cross-block attention, no digest scales', dict(digest_scale=False)),
-        ('+ learnable digest scales (the model)', {}),
+        ('global attention, no TME enhance', dict(cross_block=False, tme_enhance=False)),
+        ('+ cross-block attention, no digest scales', dict(digest_scale=False, tme_enhance=False)),
+        ('+ learnable digest scales', dict(tme_enhance=False)),
+        ('+ TME enhance branch (the model)', {}),
     ]
     ladder = []
     for label, kwargs in steps:

@@ -10,7 +10,9 @@ CabViT-H (hybrid): ConvNeXt stages 1-2, CabViT stages 3-4, the same function as 
 implementation (its checkpoints load through `checkpoint_filter_fn`). CabViT-P: DeiT-Tiny with CabViT blocks.
 `ARCHITECTURE.md` of this project states the function precisely.
 """
+import importlib.util
 import math
+import os
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Type, Union
@@ -45,6 +47,7 @@ from timm.models.convnext import ConvNeXtBlock
 __all__ = ['CabViT', 'CabViTPlain', 'CabViTBlock']
 
 MERGE_STRIDE = 4
+HAS_TRITON = importlib.util.find_spec('triton') is not None
 
 
 def digest_grid_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -326,13 +329,21 @@ class TokenMergeEnhance(nn.Module):
     """TME: a depthwise 7x7 stride-4 conv merges the tokens into digests; a depthwise 3x3 conv + BN enhances them.
 
     The enhanced map replaces the input (no residual). Prefix tokens (a class token) bypass both branches.
+    `enhance=False` leaves the enhance branch out (the paper's ablation without it).
+
+    Two implementations compute it: the PyTorch one in `forward`, the reference and all that TorchScript and FX
+    tracing see, and a fused Triton kernel (`tme_triton`) that works on the tokens in place. `tme_impl` picks one:
+    'torch', 'triton', or 'auto' (Triton for CUDA tensors when Triton is installed). It is read from the environment
+    variable TIMM_CABVIT_TME when the module is built (default 'auto'); the models' `set_tme_impl()` changes it.
     """
+    tme_impl: str
 
     def __init__(
             self,
             dim: int,
             grid_size: Tuple[int, int],
             merge: bool = True,
+            enhance: bool = True,
             num_prefix_tokens: int = 0,
             device=None,
             dtype=None,
@@ -343,14 +354,46 @@ class TokenMergeEnhance(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.merge = nn.Conv2d(
             dim, dim, 7, stride=MERGE_STRIDE, padding=3, groups=dim, bias=False, **dd) if merge else None
-        self.enhance = ConvNormAct(dim, dim, 3, padding=1, groups=dim, apply_act=False, **dd)
+        self.enhance = ConvBnAct(dim, dim, 3, padding=1, groups=dim, apply_act=False, **dd) if enhance else None
+        self.set_impl(os.environ.get('TIMM_CABVIT_TME', 'auto'))
+
+    @torch.jit.ignore
+    def set_impl(self, impl: str) -> None:
+        """Select the implementation: 'auto', 'triton' or 'torch'."""
+        if impl not in ('auto', 'triton', 'torch'):
+            raise ValueError(
+                f"TME implementation (TIMM_CABVIT_TME, set_tme_impl) must be 'auto', 'triton' or 'torch', got '{impl}'")
+        self.tme_impl = impl
+
+    @torch.jit.unused
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        """Triton when asked for, or for 'auto' on CUDA tensors with Triton installed; never for FX proxies.
+
+        The kernel computes conv and BatchNorm itself, so a TME without its enhance branch, or with the BatchNorm
+        already folded (`timm.utils.reparameterize_model`), runs the PyTorch path.
+        """
+        if self.tme_impl == 'torch' or isinstance(x, torch.fx.Proxy) or not isinstance(self.enhance, ConvBnAct):
+            return False
+        return self.tme_impl == 'triton' or (x.is_cuda and HAS_TRITON)
+
+    @torch.jit.unused
+    def _forward_triton(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        from .tme_triton import token_merge_enhance  # on first use: importing it defines the Triton kernels
+
+        return token_merge_enhance(
+            x, self.enhance.conv.weight, self.merge.weight if self.merge is not None else None, self.enhance.bn,
+            self.grid_size, self.num_prefix_tokens)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not torch.jit.is_scripting() and self._use_triton(x):
+            return self._forward_triton(x)
         B, N, C = x.shape
-        prefix, x = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
-        x = x.transpose(1, 2).reshape(B, C, self.grid_size[0], self.grid_size[1])
-        digest = self.merge(x).flatten(2).transpose(1, 2) if self.merge is not None else None
-        x = self.enhance(x).flatten(2).transpose(1, 2)
+        prefix, tokens = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        x_map = tokens.transpose(1, 2).reshape(B, C, self.grid_size[0], self.grid_size[1])
+        digest = self.merge(x_map).flatten(2).transpose(1, 2) if self.merge is not None else None
+        if self.enhance is None:
+            return x, digest
+        x = self.enhance(x_map).flatten(2).transpose(1, 2)
         if self.num_prefix_tokens:
             x = torch.cat([prefix, x], dim=1)
         return x, digest
@@ -373,8 +416,9 @@ class CabViTBlock(nn.Module):
     """Block i of a stage: attention over its tokens and the digests of blocks 0..i-1, TME, FFN.
 
     Returns the tokens and this block's digest tokens (None for the last block of a stage).
-    `cross_block=False` makes it a plain block (no merge, no digest keys, scales, norm or depth bias) and
-    `digest_scale=False` drops the digest scales: the paper's ablations.
+    `cross_block=False` makes it a plain block (no merge, no digest keys, scales, norm or depth bias),
+    `digest_scale=False` drops the digest scales and `tme_enhance=False` the TME's 3x3 enhance branch: the paper's
+    ablations.
     """
 
     def __init__(
@@ -387,6 +431,7 @@ class CabViTBlock(nn.Module):
             num_prefix_tokens: int = 0,
             cross_block: bool = True,
             digest_scale: bool = True,
+            tme_enhance: bool = True,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
             ls_init_value: Optional[float] = 1e-6,
@@ -419,7 +464,7 @@ class CabViTBlock(nn.Module):
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
         self.tme = TokenMergeEnhance(
-            dim, grid_size, merge=merge and cross_block, num_prefix_tokens=num_prefix_tokens, **dd)
+            dim, grid_size, merge=merge and cross_block, enhance=tme_enhance, num_prefix_tokens=num_prefix_tokens, **dd)
 
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = PreNormMlp(dim, int(dim * mlp_ratio), act_layer, norm_layer, drop=proj_drop, **dd)
@@ -540,6 +585,7 @@ class CabViTStage(nn.Module):
             grid_size: Tuple[int, int],
             cross_block: bool = True,
             digest_scale: bool = True,
+            tme_enhance: bool = True,
             mlp_ratio: float = 4.,
             ls_init_value: float = 1e-6,
             proj_drop: float = 0.,
@@ -565,6 +611,7 @@ class CabViTStage(nn.Module):
                 merge=i < depth - 1,
                 cross_block=cross_block,
                 digest_scale=digest_scale,
+                tme_enhance=tme_enhance,
                 mlp_ratio=mlp_ratio,
                 ls_init_value=ls_init_value,
                 proj_drop=proj_drop,
@@ -633,6 +680,7 @@ class CabViT(nn.Module):
             num_heads: Tuple[Optional[int], ...] = (None, None, 6, 10),
             cross_block: bool = True,
             digest_scale: bool = True,
+            tme_enhance: bool = True,
             mlp_ratio: float = 4.,
             ls_init_value: float = 1e-6,
             act_layer: Union[str, Callable] = nn.GELU,
@@ -656,6 +704,7 @@ class CabViT(nn.Module):
             cross_block: Cross-block attention; False gives plain global attention with the position bias
                 (no digests: no merge conv, digest keys, scales, norm or depth bias).
             digest_scale: The learnable digest scales; False leaves them out.
+            tme_enhance: The TME's 3x3 enhance branch; False leaves it out.
             mlp_ratio: Hidden / input width of every MLP.
             ls_init_value: Initial layer scale of every block.
             drop_rate: Dropout before the classifier.
@@ -692,7 +741,8 @@ class CabViT(nn.Module):
             else:
                 stages.append(CabViTStage(
                     in_chs, dim, depth, heads, grids[i], cross_block=cross_block, digest_scale=digest_scale,
-                    proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer, **common))
+                    tme_enhance=tme_enhance, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer,
+                    **common))
             in_chs = dim
             self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -732,6 +782,13 @@ class CabViT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_tme_impl(self, impl: str) -> None:
+        """Select the TME implementation of every CabViT block: 'auto', 'triton' (fused kernel) or 'torch'."""
+        for module in self.modules():
+            if isinstance(module, TokenMergeEnhance):
+                module.set_impl(impl)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -833,6 +890,7 @@ class CabViTPlain(nn.Module):
             num_heads: int = 3,
             cross_block: bool = True,
             digest_scale: bool = True,
+            tme_enhance: bool = True,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
             ls_init_value: Optional[float] = None,
@@ -857,6 +915,7 @@ class CabViTPlain(nn.Module):
             num_heads: Attention heads.
             cross_block: Cross-block attention; False gives DeiT with relative position bias and TME.
             digest_scale: The learnable digest scales; False leaves them out.
+            tme_enhance: The TME's 3x3 enhance branch; False leaves it out.
             ls_init_value: Layer scale init, None for none (DeiT has none).
             drop_rate: Dropout before the classifier.
             drop_path_rate: Stochastic depth, linear from 0 over the blocks.
@@ -890,6 +949,7 @@ class CabViTPlain(nn.Module):
                 num_prefix_tokens=1,
                 cross_block=cross_block,
                 digest_scale=digest_scale,
+                tme_enhance=tme_enhance,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
                 ls_init_value=ls_init_value,
@@ -927,6 +987,13 @@ class CabViTPlain(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_tme_impl(self, impl: str) -> None:
+        """Select the TME implementation of every CabViT block: 'auto', 'triton' (fused kernel) or 'torch'."""
+        for module in self.modules():
+            if isinstance(module, TokenMergeEnhance):
+                module.set_impl(impl)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -1,0 +1,120 @@
+""" Shared helpers of the benchmark scripts: device choice, timing, environment record, result files """
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+
+
+def resolve_device(name: str) -> torch.device:
+    """The benchmark device; a clear exit where CUDA is asked for (the default) and missing."""
+    if name == 'cuda' and not torch.cuda.is_available():
+        sys.exit(
+            'No CUDA device: these benchmarks measure GPU throughput (torch.cuda.is_available() is False). '
+            'For a functional smoke run at tiny sizes pass --device cpu, e.g. --device cpu --batch 2 --iters 2.')
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or 'cpu'
+
+
+def slug(text: str) -> str:
+    return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, iters: int, runs: int, warmup: int) -> float:
+    """Median over runs of the mean time per call, in ms; CUDA events on GPU, wall clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(runs):
+        if device.type == 'cuda':
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / iters)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / iters)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, size_mib: int, runs: int = 10) -> float:
+    """Measured device copy bandwidth: bytes read plus written by a large tensor copy, per second (median)."""
+    src = torch.empty(size_mib * 2 ** 20 // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, iters=5, runs=runs, warmup=3)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def environment(device: torch.device) -> Dict[str, Optional[str]]:
+    """Device and software versions a result depends on."""
+    import timm
+
+    import timm_cabvit
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        'device': device_name(device),
+        'date': datetime.datetime.now().isoformat(timespec='seconds'),
+        'torch': torch.__version__,
+        'cuda': torch.version.cuda,
+        'cudnn': str(torch.backends.cudnn.version()) if device.type == 'cuda' else None,
+        'triton': triton_version,
+        'timm': timm.__version__,
+        'timm_cabvit': timm_cabvit.__version__,
+        'git_commit': commit,
+        'python': platform.python_version(),
+        'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
+    }
+
+
+def result_path(results_dir: str, prefix: str, device: torch.device, suffix: str) -> str:
+    """<results_dir>/<prefix><device>-<date><suffix>, e.g. results/nvidia-h100-80gb-hbm3-2026-01-31.json."""
+    date = datetime.date.today().isoformat()
+    os.makedirs(results_dir, exist_ok=True)
+    return os.path.join(results_dir, f'{prefix}{slug(device_name(device))}-{date}{suffix}')
+
+
+def write_json(path: str, data: Dict) -> None:
+    with open(path, 'w') as f:
+        json.dump(data, f, indent=2)
+        f.write('\n')
+
+
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    return '\n'.join(lines)
