@@ -64,3 +64,11 @@ def test_attention_command_writes_a_png(tmp_path):
     assert main(['attention', str(tmp_path / 'image.png'), '--model', 'cabvit_h_l1', '--img-size', '64',
                  '--blocks', 'stages.2.blocks.1', '--out', str(out)]) == 0
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_export_onnx_command(tmp_path, capsys):
+    out = tmp_path / 'model.onnx'
+    assert main(['export-onnx', 'cabvit_h_l1', str(out), '--img-size', '64']) == 0
+    assert out.stat().st_size > 1_000_000 and 'max abs difference' in capsys.readouterr().out
+    assert main(['export-onnx', 'cabvit_h_l1', str(out), '--opset', '13']) == 1
+    assert 'opset must be 17 or newer' in capsys.readouterr().err

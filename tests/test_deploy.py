@@ -1,0 +1,230 @@
+"""Inference-ready models: BatchNorm folding, ONNX Runtime parity, torch.export and TorchScript round trips, and
+finite outputs in reduced precision, for all four models at a small image size.
+
+The two larger models' torch.export round trips and training steps, and the torch.export-based ONNX exporter
+(6-30 s each on two shared cores), are marked slow.
+"""
+import functools
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import timm
+import torch
+from conftest import ALL_MODELS
+from timm.layers import LayerScale
+from timm.models.convnext import ConvNeXtBlock
+from timm.utils import reparameterize_model
+
+from timm_cabvit.deploy import export_onnx, export_program, export_torchscript
+
+IMG_SIZE = 96  # 6x6 tokens in stage 3 and 2x2 digests per block: every bias table has more than one entry
+SLOW_MODELS = ('cabvit_h_l2', 'cabvit_h_l3')
+LARGE = 100.  # images x 100: activations far outside the range of normalised images
+
+pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.(save|load)` is deprecated:FutureWarning')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    """One thread: on shared CI cores, OpenMP threads waiting on each other make small forward passes 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _params(model_names, slow=SLOW_MODELS):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in model_names]
+
+
+def _num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def _like_trained(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm statistics and affine, layer scales near 1 and random bias tables.
+
+    At init the BatchNorms are identities, every block's branch is scaled by 1e-6 and the biases are 0: folding
+    and the attention path would hardly change the output, and no comparison would see their errors.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_(0., .5)
+            module.running_var.uniform_(.5, 2.)
+            module.weight.uniform_(.5, 1.5)
+            module.bias.normal_(0., .2)
+        elif isinstance(module, LayerScale):
+            module.gamma.uniform_(.5, 1.)
+        elif isinstance(module, ConvNeXtBlock) and module.gamma is not None:
+            module.gamma.uniform_(.5, 1.)
+    for name, param in model.named_parameters():
+        if name.endswith(('attention_biases', 'depth_bias.bias', 'relative_position_bias_table')):
+            param.normal_(0., 1.)
+        elif name.endswith('digest_calib.scale'):
+            param.uniform_(.5, 1.5)
+    return model
+
+
+@functools.cache
+def _model(model_name: str, img_size: int = IMG_SIZE) -> torch.nn.Module:
+    """One eval-mode model per name and size for the whole module; the exports work on copies."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _like_trained(timm.create_model(model_name, img_size=img_size)).eval()
+
+
+def _images(batch_size: int, img_size: int = IMG_SIZE, scale: float = 1.) -> torch.Tensor:
+    return torch.randn(batch_size, 3, img_size, img_size) * scale
+
+
+def _batchnorms(model: torch.nn.Module, fusable_only: bool = False) -> list:
+    """The BatchNorms of the model or, with `fusable_only`, those inside modules with a `fuse()`."""
+    parents = [m for m in model.modules() if hasattr(m, 'fuse')] if fusable_only else [model]
+    return list({
+        id(m): m for parent in parents for m in parent.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}.values())
+
+
+@pytest.mark.parametrize('model_name', ALL_MODELS)
+def test_reparameterized_equals_plain(model_name):
+    model = _model(model_name)
+    fused = reparameterize_model(model)
+    x = _images(2)
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # every BatchNorm under a fuse() is gone, and each took at least its scale vector with it (its shift may
+    # stay as the conv's new bias)
+    folded = _batchnorms(model, fusable_only=True)
+    assert len(_batchnorms(fused)) == len(_batchnorms(model)) - len(folded)
+    assert folded and _num_params(fused) <= _num_params(model) - sum(bn.num_features for bn in folded)
+
+
+@pytest.mark.parametrize('model_name', ALL_MODELS)
+def test_onnx_runtime_parity_dynamic_batch(model_name, tmp_path):
+    model = _model(model_name)
+    path = tmp_path / f'{model_name}.onnx'
+    report = export_onnx(model, path, batch_size=1)
+    assert report['max_abs_diff'] < 1e-4 and report['batch_sizes'] == (1, 3) and report['opset'] >= 17
+
+    graph_input = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert graph_input[0].dim_param and [d.dim_value for d in graph_input[1:]] == [3, IMG_SIZE, IMG_SIZE]
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    for batch_size in (1, 3):  # one file, two batch sizes, against the unfused model
+        x = _images(batch_size)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = session.run(None, {'input': x.numpy()})[0]
+        assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_onnx_dynamo_exporter(tmp_path):
+    report = export_onnx(_model('cabvit_h_l1'), tmp_path / 'cabvit_h_l1.onnx', dynamo=True)
+    assert report['exporter'] == 'dynamo' and report['max_abs_diff'] < 1e-4 and report['batch_sizes'] == (1, 3)
+
+
+def test_onnx_static_batch_unfused_and_argument_checks(tmp_path):
+    report = export_onnx(
+        'cabvit_h_l1', tmp_path / 'static.onnx', img_size=64, batch_size=2, dynamic_batch=False, reparameterize=False)
+    assert report['batch_sizes'] == (2,) and report['max_abs_diff'] < 1e-4
+    assert not report['reparameterized'] and report['params'] == report['params_before']
+    assert onnx.load(tmp_path / 'static.onnx').graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    with pytest.raises(ValueError, match='opset'):
+        export_onnx('cabvit_h_l1', tmp_path / 'old.onnx', img_size=64, opset=13)
+    with pytest.raises(ValueError, match='built for'):
+        export_onnx(_model('cabvit_h_l1'), tmp_path / 'other.onnx', img_size=128)
+
+
+def test_onnx_export_by_name_with_checkpoint(tmp_path):
+    """What `timm-cabvit export-onnx cabvit_h_l1 out.onnx --img-size 96 --checkpoint FILE` does."""
+    model = _model('cabvit_h_l1')
+    torch.save(model.state_dict(), tmp_path / 'weights.pth')
+    path = tmp_path / 'cabvit_h_l1.onnx'
+    report = export_onnx('cabvit_h_l1', path, img_size=IMG_SIZE, checkpoint=tmp_path / 'weights.pth')
+    assert report['img_size'] == (IMG_SIZE, IMG_SIZE) and report['max_abs_diff'] < 1e-4
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    x = _images(2)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(session.run(None, {'input': x.numpy()})[0] - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize('model_name', _params(ALL_MODELS))
+def test_torch_export_round_trip(model_name, tmp_path):
+    """Exported with a dynamic batch, saved, loaded (by export_program) and run at batch 1 and 3."""
+    model = _model(model_name)
+    path = tmp_path / f'{model_name}.pt2'
+    report = export_program(model, path=path)
+    assert report['path'] == str(path) and report['max_abs_diff'] < 1e-4
+    loaded = report['program'].module()
+    for batch_size in (1, 3):
+        x = _images(batch_size)
+        with torch.no_grad():
+            ref = model(x)
+            assert (loaded(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize('model_name', ALL_MODELS)
+def test_torchscript_round_trip(model_name, tmp_path):
+    model = _model(model_name)
+    path = tmp_path / f'{model_name}.pt'
+    report = export_torchscript(model, path=path)
+    assert report['path'] == str(path) and report['max_abs_diff'] < 1e-4
+    assert isinstance(report['module'], torch.jit.ScriptModule)
+    x = _images(3)
+    with torch.no_grad():
+        ref = model(x)
+        assert (report['module'](x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def _set_fused_attn(model: torch.nn.Module, fused: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, 'fused_attn'):
+            module.fused_attn = fused
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('model_name', ALL_MODELS)
+def test_reduced_precision_inference_finite(model_name, dtype):
+    """Weights and activations in bf16 / fp16 (both attention paths), and autocast, on images x 100."""
+    model = _model(model_name, 32)
+    x = _images(2, 32, LARGE)
+    with torch.no_grad():
+        ref = model(x)
+        half = reparameterize_model(model).to(dtype)
+        for fused in (True, False):
+            _set_fused_attn(half, fused)
+            out = half(x.to(dtype))
+            assert torch.isfinite(out).all()
+            assert (out.float() - ref).abs().max() < .05 * ref.abs().max()
+        with torch.autocast('cpu', dtype=dtype):
+            assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('model_name', _params(ALL_MODELS))
+def test_amp_training_steps_finite(model_name, dtype):
+    """Autocast training steps on images x 100, fp16 with a GradScaler as timm's train.py --amp: all finite.
+
+    64x64 images in batches of 4: with fewer values per channel (2x2 maps in batches of 2) the training-mode
+    BatchNorms of the TME amplify gradients 30-fold. The scaler starts at 2**10: from its default 2**16 it
+    would back off over the first, skipped, steps, as it is meant to, and two steps would show nothing.
+    """
+    model = _like_trained(timm.create_model(model_name, img_size=64, num_classes=10)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2. ** 10, enabled=dtype == torch.float16)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        with torch.autocast('cpu', dtype=dtype):
+            loss = torch.nn.functional.cross_entropy(model(_images(4, 64, LARGE)), torch.randint(0, 10, (4,)))
+        assert torch.isfinite(loss)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # not every step skipped
