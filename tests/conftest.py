@@ -11,3 +11,13 @@ ALL_MODELS = ['cabvit_p_l0', *H_MODELS]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """One torch thread for a test module: on shared CI cores, OpenMP threads waiting on each other make small
+    forward passes and training steps 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,7 @@ from timm_cabvit.attention_maps import (
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """One thread: on shared CI cores, OpenMP threads waiting on each other make small forward passes 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def png_size(path) -> tuple:

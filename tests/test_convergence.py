@@ -5,18 +5,11 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'convergence.py'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """One thread: on shared CI cores, OpenMP threads waiting on each other make small training steps 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -23,16 +23,10 @@ IMG_SIZE = 96  # 6x6 tokens in stage 3 and 2x2 digests per block: every bias tab
 SLOW_MODELS = ('cabvit_h_l2', 'cabvit_h_l3')
 LARGE = 100.  # images x 100: activations far outside the range of normalised images
 
-pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.(save|load)` is deprecated:FutureWarning')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """One thread: on shared CI cores, OpenMP threads waiting on each other make small forward passes 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings('ignore:`torch.jit.(save|load)` is deprecated:FutureWarning'),
+    pytest.mark.usefixtures('one_thread'),
+]
 
 
 def _params(model_names, slow=SLOW_MODELS):
