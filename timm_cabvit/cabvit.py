@@ -70,6 +70,12 @@ def resize_token_grid(table: torch.Tensor, old_size: Tuple[int, int], new_size: 
     return grid.reshape(*lead, new_size[0] * new_size[1]).to(table.dtype)
 
 
+@torch.no_grad()
+def resized_parameter(param: nn.Parameter, old_size: Tuple[int, int], new_size: Tuple[int, int]) -> nn.Parameter:
+    """A grid-laid parameter resampled to another token grid, frozen if the original was (set_input_size)."""
+    return nn.Parameter(resize_token_grid(param, old_size, new_size), requires_grad=param.requires_grad)
+
+
 @register_notrace_function
 def check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> torch.Tensor:
     """Reject input the position and depth bias tables were not built for, with what was expected."""
@@ -142,11 +148,7 @@ class GridPosBias(nn.Module):
     def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
         if tuple(grid_size) == tuple(self.grid_size):
             return
-        with torch.no_grad():
-            self.attention_biases = nn.Parameter(
-                resize_token_grid(self.attention_biases, self.grid_size, grid_size),
-                requires_grad=self.attention_biases.requires_grad,
-            )
+        self.attention_biases = resized_parameter(self.attention_biases, self.grid_size, grid_size)
         self.grid_size = grid_size
         num_tokens = grid_size[0] * grid_size[1]
         self.attention_bias_idxs = self.attention_bias_idxs.new_empty((num_tokens, num_tokens))
@@ -174,11 +176,7 @@ class RelativeDepthBias(nn.Module):
         nn.init.zeros_(self.bias)
 
     def set_grid_size(self, digest_grid: Tuple[int, int]) -> None:
-        with torch.no_grad():
-            self.bias = nn.Parameter(
-                resize_token_grid(self.bias, self.digest_grid, digest_grid),
-                requires_grad=self.bias.requires_grad,
-            )
+        self.bias = resized_parameter(self.bias, self.digest_grid, digest_grid)
         self.digest_grid = digest_grid
 
     def get_bias(self) -> torch.Tensor:
@@ -214,11 +212,7 @@ class DigestCalibration(nn.Module):
 
     def set_grid_size(self, digest_grid: Tuple[int, int]) -> None:
         if self.scale is not None:
-            with torch.no_grad():
-                self.scale = nn.Parameter(
-                    resize_token_grid(self.scale, self.digest_grid, digest_grid),
-                    requires_grad=self.scale.requires_grad,
-                )
+            self.scale = resized_parameter(self.scale, self.digest_grid, digest_grid)
         self.digest_grid = digest_grid
 
     def forward(self, digests: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.models.convnext import ConvNeXtBlock
+
+from .cabvit import CabViTBlock
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -57,9 +60,6 @@ COMPONENTS = ('stem', 'ConvNeXt blocks', 'downsample', 'attention', 'TME', 'FFN'
 
 def _component(name: str, module: nn.Module, parent: nn.Module) -> Optional[str]:
     """The component a module belongs to wholly, or None when its children are classified instead."""
-    from timm.models.convnext import ConvNeXtBlock
-
-    from .cabvit import CabViTBlock
     leaf = name.rsplit('.', 1)[-1]
     if name in ('stem', 'patch_embed'):
         return 'stem'
