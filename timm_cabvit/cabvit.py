@@ -227,7 +227,7 @@ class CrossBlockAttention(nn.Module):
     The digests go through the same qkv projection as the tokens. Their queries are unused; projecting them
     anyway is what the reference does and what its FLOP figures count (0.7-1.7 % of the total).
     """
-    attention_bias_cache: Dict[str, torch.Tensor]
+    attention_bias_cache: Dict[str, Tuple[List[int], torch.Tensor]]
 
     def __init__(
             self,
@@ -275,13 +275,26 @@ class CrossBlockAttention(nn.Module):
         return bias
 
     def get_attention_bias(self, device: torch.device) -> torch.Tensor:
-        """Position and depth bias combined, (heads, N, N + digests); cached per device in eval, as LeViT."""
-        if torch.jit.is_tracing() or self.training:
+        """Position and depth bias combined, (heads, N, N + digests).
+
+        Cached per device, as LeViT does, but only where no gradient is wanted (eval mode under no_grad or
+        inference_mode) and only while the tables are the ones it was built from: the cache is keyed on their
+        storage and version counters, which every in-place change (load_state_dict, copy_, an EMA update) bumps.
+        """
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or self.training or torch.is_grad_enabled():
             return self._attention_bias()
-        device_key = str(device)
-        if device_key not in self.attention_bias_cache:
-            self.attention_bias_cache[device_key] = self._attention_bias()
-        return self.attention_bias_cache[device_key]
+        return self._cached_attention_bias(device)
+
+    @torch.jit.unused
+    def _cached_attention_bias(self, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._attention_bias()
+        tables = [*self.pos_bias.parameters(), *(self.depth_bias.parameters() if self.depth_bias is not None else ())]
+        key = [n for t in tables for n in (t.data_ptr(), t._version)]
+        cached = self.attention_bias_cache.get(str(device))
+        if cached is None or cached[0] != key:
+            cached = self.attention_bias_cache[str(device)] = (key, self._attention_bias())
+        return cached[1]
 
     def _qkv(
             self, x: torch.Tensor, digests: Optional[torch.Tensor],
