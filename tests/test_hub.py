@@ -25,9 +25,10 @@ import torch
 from huggingface_hub import constants
 
 from timm_cabvit import hub
-from timm_cabvit.cabvit import checkpoint_filter_fn, resize_token_grid
+from timm_cabvit.cabvit import checkpoint_filter_fn
+from timm_cabvit.checkpoint import resize_token_grid
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference'
+REFERENCE_DIR = Path(__file__).resolve().parent / 'data' / 'reference'  # the authors' checkpoint layouts
 REPO_ID = 'local-org/cabvit_h_l1.test'
 COMMIT = hashlib.sha1(b'cabvit').hexdigest()
 
@@ -215,10 +216,7 @@ def to_reference(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _reference_layout(name: str) -> Dict[str, List[int]]:
-    path = REFERENCE_DIR / f'{name}_state_dict_layout.json'
-    if not path.is_file():
-        pytest.skip(f'reference checkpoint layout {path} is absent (it lives in shared/ beside the repo)')
-    return json.loads(path.read_text())['state_dict']
+    return json.loads((REFERENCE_DIR / f'{name}_state_dict_layout.json').read_text())['state_dict']
 
 
 @pytest.mark.parametrize('name', ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3'])
