@@ -1,4 +1,4 @@
-"""Run by test_autoload.py under `torch.distributed.run --nproc_per_node=2`: three DDP steps on CPU (gloo).
+"""Run by test_training.py under `torch.distributed.run --nproc_per_node=2`: three DDP steps on CPU (gloo).
 
 Each rank gets other data; DDP without find_unused_parameters, with drop path and grad checkpointing.
 Rank 0 prints the largest difference between the ranks' parameters after training.

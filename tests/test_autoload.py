@@ -1,47 +1,22 @@
 """Installing the package is enough: timm's own tools find the models without `import timm_cabvit`.
 
 Each test environment is a fresh virtual environment with this repository installed into it (as a wheel
-or editable). torch and timm come from the test runner's environment through a plain path entry, which
-is not a site directory, so none of the runner's own .pth start-up hooks run there.
+or editable; see fresh_env.py).
 """
 import json
-import os
-import site
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
+from fresh_env import FreshEnv
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_OPTIONS = frozenset(
     word for line in (REPO / 'tests' / 'data' / 'timm_train_options.txt').read_text().splitlines()
     if not line.startswith('#') for word in line.split())
-
-
-class FreshEnv:
-    """A virtual environment with the package installed, running Python in subprocesses."""
-
-    def __init__(self, root: Path, editable: bool):
-        subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(root)], check=True)
-        self.root = root
-        self.python = str(root / 'bin' / 'python')
-        self.purelib = Path(self.run('import sysconfig; print(sysconfig.get_paths()["purelib"])').stdout.strip())
-        (self.purelib / '_test_runner_site.pth').write_text('\n'.join(site.getsitepackages()) + '\n')
-        install = [self.python, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation']
-        subprocess.run([*install, *(['-e'] if editable else []), str(REPO)], check=True, cwd=root)
-
-    def run(self, code: str, env: dict = None, check: bool = True, args=()) -> subprocess.CompletedProcess:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith('TIMM_CABVIT')}
-        result = subprocess.run(
-            [self.python, *args, '-c', code], capture_output=True, text=True, env={**environ, **(env or {})},
-            cwd=self.root)
-        if check and result.returncode:
-            raise AssertionError(f'subprocess failed ({result.returncode}):\n{result.stderr[-3000:]}')
-        return result
 
 
 @pytest.fixture(scope='module', params=['wheel', 'editable'])
@@ -155,27 +130,3 @@ def test_recipes_are_train_py_configs(model_name):
     assert recipe['model'] == model_name and recipe['model'] in timm.list_models('cabvit*')
     assert recipe['batch_size'] * 8 == 1024
     assert recipe['lr'] == (2e-3 if model_name.startswith('cabvit_h') else 1e-3)
-
-
-def test_ddp_two_processes_end_with_identical_weights():
-    result = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
-         str(REPO / 'tests' / 'ddp_train.py')],
-        capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report['rank_max_diff'] == 0 and report['moved'] > 0, report
-
-
-def test_sync_batchnorm_conversion_covers_every_batchnorm():
-    from timm.layers import convert_sync_batchnorm
-    model = convert_sync_batchnorm(timm.create_model('cabvit_h_l1', device='meta'))
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
-
-
-def test_compiles_fullgraph_for_a_training_step():
-    model = timm.create_model('cabvit_h_l1', num_classes=3, img_size=64).train()
-    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
-    compiled(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
