@@ -13,7 +13,11 @@ ENTRY_POINT_GROUP = 'timm.models'
 
 
 def register_entry_point_models() -> None:
-    """Import each module named in the `timm.models` entry points; a broken one gives one warning, no error."""
+    """Import each module named in the `timm.models` entry points; a broken one gives one warning, no error.
+
+    A module that refuses the imported timm raises ImportError with `name='timm'` and a message that names the
+    versions (timm_cabvit does so for a timm older than it supports): the warning is that message.
+    """
     import importlib
     import warnings
     from importlib.metadata import entry_points
@@ -23,9 +27,11 @@ def register_entry_point_models() -> None:
         try:
             importlib.import_module(module)
         except Exception as e:
-            warnings.warn(
-                f'{dist_name}: could not register its timm models (import of {module} failed: {e!r}); '
-                f'reinstall it, or set TIMM_CABVIT_AUTOLOAD=0 to skip', RuntimeWarning, stacklevel=2)
+            if isinstance(e, ImportError) and e.name == 'timm':  # it refuses this timm; its message says why
+                reason = f'{e} (or set TIMM_CABVIT_AUTOLOAD=0 to skip)'
+            else:
+                reason = f'import of {module} failed: {e!r}; reinstall it, or set TIMM_CABVIT_AUTOLOAD=0 to skip'
+            warnings.warn(f'{dist_name}: could not register its timm models: {reason}', RuntimeWarning, stacklevel=2)
 
 
 class _RegisterAfterExec:

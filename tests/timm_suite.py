@@ -1,9 +1,11 @@
-"""Files of the installed timm's source distribution: its model test suite and its train.py.
+"""Files of the installed timm's source distribution (its model test suite, its train.py), and other timm releases.
 
-They are not part of timm's wheel, so they are fetched once from the package index with pip and cached.
+Neither is part of the installed timm, so each is fetched once from the package index with pip and cached under
+TIMM_CABVIT_CACHE (default ~/.cache/timm-cabvit).
 """
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -46,3 +48,24 @@ def load_test_models() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def install_timm(version: str) -> Path:
+    """A directory holding timm `version` alone (`pip install --no-deps --target`), to put first on sys.path."""
+    target = _cache_dir() / f'timm-{version}' / 'site'
+    if (target / 'timm').is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix='site-', dir=target.parent))
+    cmd = [sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--target', str(partial),
+           f'timm=={version}']
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode or not (partial / 'timm').is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeError(f'could not install timm=={version} (pip said: {result.stderr.strip()[-500:]}); run '
+                           f'`{" ".join(cmd[:-3])} {target} timm=={version}` once with network access')
+    try:
+        partial.rename(target)
+    except OSError:  # another run installed it meanwhile
+        shutil.rmtree(partial)
+    return target

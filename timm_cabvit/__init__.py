@@ -1,5 +1,50 @@
-"""CabViT vision transformers as timm models: importing this package registers them with timm."""
-from .cabvit import CabViT, CabViTBlock, CabViTPlain
+"""CabViT vision transformers as timm models: importing this package registers them with timm.
 
+An older timm than TIMM_MINIMUM is refused with an ImportError that names both versions, before any model
+registers (the start-up hook, timm_cabvit_autoload.py, turns it into one warning).
+"""
 __version__ = '0.1.0'
-__all__ = ['CabViT', 'CabViTBlock', 'CabViTPlain', '__version__']
+
+# The oldest timm the package works with; setup.cfg's install_requires says the same (a test checks) and why.
+TIMM_MINIMUM = '1.0.31'
+
+
+def _check_timm_version() -> None:
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+
+    import timm
+    from packaging.version import Version
+
+    if Version(timm.__version__) >= Version(TIMM_MINIMUM):
+        return
+    message = (f'timm-cabvit {__version__} needs timm>={TIMM_MINIMUM}, but the timm imported is {timm.__version__} '
+               f'(from {os.path.dirname(timm.__file__)})')
+    try:
+        installed = version('timm')
+    except PackageNotFoundError:
+        installed = None
+    if installed is not None and installed != timm.__version__:
+        message += (f'; it shadows the installed timm {installed}, as the timm/ of a checkout of timm\'s repository '
+                    f'does for its scripts: update that copy to timm>={TIMM_MINIMUM}')
+    else:
+        message += f'; upgrade it: pip install -U "timm>={TIMM_MINIMUM}"'
+    raise ImportError(message, name='timm')
+
+
+_check_timm_version()
+
+from .cabvit import (  # noqa: E402  (after the version check: nothing registers with a timm too old)
+    CabViT,
+    CabViTBlock,
+    CabViTPlain,
+    cabvit_h_l1,
+    cabvit_h_l2,
+    cabvit_h_l3,
+    cabvit_p_l0,
+)
+
+__all__ = [
+    'CabViT', 'CabViTBlock', 'CabViTPlain', 'TIMM_MINIMUM', '__version__',
+    'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0',
+]
