@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -22,6 +22,27 @@ def resolve_device(name: str) -> torch.device:
             'No CUDA device: these benchmarks measure GPU throughput (torch.cuda.is_available() is False). '
             'For a functional smoke run at tiny sizes pass --device cpu, e.g. --device cpu --batch 2 --iters 2.')
     return torch.device(name)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what the platform module knows."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def num_cores() -> int:
+    """Cores this process may run on (its affinity, which containers and taskset narrow), not the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def device_name(device: torch.device) -> str:
@@ -60,6 +81,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, iters: int, runs: in
                 fn()
             times.append((time.perf_counter() - t0) * 1e3 / iters)
     return statistics.median(times)
+
+
+def time_interleaved_ms(fns: Dict[str, Callable[[], object]], warmup: int, iters: int) -> Dict[str, List[float]]:
+    """Wall-clock times in ms of `iters` calls of each function after `warmup` untimed ones.
+
+    The functions take turns, call by call, so that a change of load on a shared machine hits all of them alike.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def copy_bandwidth_gbps(device: torch.device, size_mib: int, runs: int = 10) -> float:
@@ -101,20 +139,26 @@ def environment(device: torch.device) -> Dict[str, Optional[str]]:
     }
 
 
+def dated_result_path(results_dir: str, name: str, suffix: str) -> str:
+    """<results_dir>/<name>-<date><suffix>, the directory created if need be."""
+    os.makedirs(results_dir, exist_ok=True)
+    return os.path.join(results_dir, f'{name}-{datetime.date.today().isoformat()}{suffix}')
+
+
 def result_path(results_dir: str, prefix: str, device: torch.device, suffix: str) -> str:
     """<results_dir>/<prefix><device>-<date><suffix>, e.g. results/nvidia-h100-80gb-hbm3-2026-01-31.json."""
-    date = datetime.date.today().isoformat()
-    os.makedirs(results_dir, exist_ok=True)
-    return os.path.join(results_dir, f'{prefix}{slug(device_name(device))}-{date}{suffix}')
+    return dated_result_path(results_dir, f'{prefix}{slug(device_name(device))}', suffix)
 
 
-def write_json(path: str, data: Dict) -> None:
+def write_json(path: str, data: Dict, indent: int = 2) -> None:
     with open(path, 'w') as f:
-        json.dump(data, f, indent=2)
+        json.dump(data, f, indent=indent)
         f.write('\n')
 
 
-def markdown_table(header: List[str], rows: List[List[str]]) -> str:
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+def markdown_table(header: List[str], rows: List[List[str]], right: Sequence[bool] = ()) -> str:
+    """A markdown table; `right` marks the columns to right-align (numbers), the others keep the default."""
+    aligns = ['---:' if r else '---' for r in right] + ['---'] * (len(header) - len(right))
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(aligns) + '|']
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
     return '\n'.join(lines)

@@ -14,20 +14,28 @@ timing, to benchmarks/results/cpu-<cpu>-<date>.md and .json.
 import argparse
 import datetime
 import functools
-import json
 import os
 import platform
-import re
 import socket
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
+from bench_utils import (
+    RESULTS_DIR,
+    cpu_model,
+    dated_result_path,
+    markdown_table,
+    num_cores,
+    num_params,
+    slug,
+    time_interleaved_ms,
+    write_json,
+)
 from timm.utils import reparameterize_model
 
 import timm_cabvit  # noqa: F401  (registers the models)
@@ -40,24 +48,6 @@ BASELINES = [
 ]
 VARIANTS = ('pytorch', 'reparam', 'onnxruntime')
 IMG_SIZE = (224, 224)  # every model here was made for it; the CabViT models are built for one size
-RESULTS_DIR = Path(__file__).resolve().parent / 'results'
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what the platform module knows."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def num_cores() -> int:
-    """Cores this process may run on (its affinity, which containers and taskset narrow), not the host's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
 def machine_description(threads: int) -> Dict[str, object]:
@@ -75,27 +65,6 @@ def machine_description(threads: int) -> Dict[str, object]:
         'onnxruntime': onnxruntime.__version__,
         'load_average_start': os.getloadavg(),
     }
-
-
-def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def time_ms(fns: Dict[str, Callable[[], object]], warmup: int, iters: int) -> Dict[str, List[float]]:
-    """Times in ms of `iters` calls of each function after `warmup` untimed ones.
-
-    The functions take turns, call by call, so that a change of load on a shared machine hits all of them alike.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 @torch.no_grad()
@@ -162,7 +131,7 @@ def measure_model(
             timed = {}
             # PyTorch variants take turns; ONNX Runtime runs on its own, as the two thread pools slow each other
             for group in ([v for v in runners if v != 'onnxruntime'], [v for v in runners if v == 'onnxruntime']):
-                timed.update(time_ms({v: functools.partial(runners[v], x) for v in group}, warmup, iters))
+                timed.update(time_interleaved_ms({v: functools.partial(runners[v], x) for v in group}, warmup, iters))
             for variant, times in timed.items():
                 record['times_ms'][f'{variant}@{batch_size}'] = times
                 print(f'  {name:<24} batch {batch_size:<3} {variant:<12} {statistics.median(times):8.1f} ms',
@@ -170,25 +139,19 @@ def measure_model(
     return record
 
 
-def markdown_table(records: List[Dict[str, object]], batch_sizes: Sequence[int], variants: Sequence[str]) -> str:
+def latency_table(records: List[Dict[str, object]], batch_sizes: Sequence[int], variants: Sequence[str]) -> str:
     """Median ms per model (rows) and batch size x variant (columns); '-' where a variant does not apply."""
     labels = {'pytorch': 'PyTorch', 'reparam': 're-param', 'onnxruntime': 'ORT'}
     columns = [(b, v) for b in batch_sizes for v in variants]
-    lines = [
-        '| model | params | ' + ' | '.join(f'b{b} {labels[v]}' for b, v in columns) + ' |',
-        '|---|---:|' + '---:|' * len(columns),
-    ]
+    header = ['model', 'params'] + [f'b{b} {labels[v]}' for b, v in columns]
+    rows = []
     for record in records:
         cells = []
         for b, v in columns:
             times = record['times_ms'].get(f'{v}@{b}')
             cells.append('-' if times is None else f'{statistics.median(times):.1f}')
-        lines.append(f"| {record['model']} | {record['params'] / 1e6:.2f} M | " + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
-
-
-def slug(text: str) -> str:
-    return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')
+        rows.append([str(record['model']), f"{record['params'] / 1e6:.2f} M"] + cells)
+    return markdown_table(header, rows, right=[False] + [True] * (len(header) - 1))
 
 
 def write_results(
@@ -196,10 +159,9 @@ def write_results(
         out_dir: Path,
 ) -> Path:
     """Write the .json (every timing) and .md (table and machine) result files; return the .md path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{slug(machine['cpu']) or slug(machine['hostname'])}-{datetime.date.today().isoformat()}"
-    (out_dir / f'{stem}.json').write_text(json.dumps(
-        {'machine': machine, 'settings': settings, 'results': records}, indent=1) + '\n')
+    name = f"cpu-{slug(machine['cpu']) or slug(machine['hostname'])}"
+    json_path = Path(dated_result_path(str(out_dir), name, '.json'))
+    write_json(str(json_path), {'machine': machine, 'settings': settings, 'results': records}, indent=1)
     onnx_diffs = ', '.join(
         f"{r['model']} {r['onnx_max_abs_diff']:.1e}" for r in records if 'onnx_max_abs_diff' in r)
     load = ', '.join(f'{a:.2f}' for a in machine['load_average_start'])
@@ -227,7 +189,7 @@ def write_results(
         f"- command: `{settings['command']}`",
         '',
     ])
-    md_path = out_dir / f'{stem}.md'
+    md_path = json_path.with_suffix('.md')
     md_path.write_text(text)
     return md_path
 
@@ -243,7 +205,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=num_cores(),
                         help='threads of PyTorch and ONNX Runtime (default: the cores available, %(default)s)')
     parser.add_argument('--no-onnx', action='store_true', help='skip the ONNX Runtime measurements')
-    parser.add_argument('--out-dir', type=Path, default=RESULTS_DIR, help='where to write the result files')
+    parser.add_argument('--out-dir', type=Path, default=Path(RESULTS_DIR), help='where to write the result files')
     return parser.parse_args(argv)
 
 
@@ -258,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             records.append(measure_model(
                 name, args.batch_sizes, variants, IMG_SIZE, args.warmup, args.iters, args.threads, Path(workdir)))
     machine['load_average_end'] = os.getloadavg()
-    table = markdown_table(records, args.batch_sizes, variants)
+    table = latency_table(records, args.batch_sizes, variants)
     settings = {
         'date': datetime.datetime.now().isoformat(timespec='seconds'),
         'batch_sizes': args.batch_sizes, 'iters': args.iters, 'warmup': args.warmup, 'img_size': IMG_SIZE[0],
