@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of the fused TME (issue 5) in one run, most informative first:
+# The GPU checks in one run, most informative first:
+#   0. benchmarks/gpu_profile.py: where cabvit_h_l2's and convnext_tiny's GPU time goes, by component, and the top
+#      kernels (issue 10), results/profile-<device>-<date>.json and .md; a failure is reported and the run goes on
 #   1. tests/test_tme_triton.py on the GPU: the compiled kernels against the PyTorch path (slow tests included)
 #   2. benchmarks/tme.py: fused vs PyTorch TME at every TME shape of cabvit_h_l1 / h_l2, JSON under results/
 #   3. benchmarks/models.py, eager only: the whole-model table, results/<device>-<date>-eager.json and .md
@@ -9,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python benchmarks/gpu_profile.py || echo "gpu_profile.py failed (exit $?); going on with the other checks" >&2
 python -m pytest tests/test_tme_triton.py -q -x -p no:cacheprovider
 python benchmarks/tme.py --json
 if [ "${FULL:-0}" = 1 ]; then

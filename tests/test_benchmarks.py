@@ -1,0 +1,129 @@
+"""The measurement tools of issue 10 on the CPU: traffic.py's op and byte counts, gpu_profile.py's smoke run."""
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch.nn as nn
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+IMG_SIZE = 64  # 4x4 tokens in stage 3 of CabViT-H, one digest per block
+DEPTHS = (1, 1, 2, 2)  # a short CabViT-H-L1: every part, digests included, in a third of the ops
+CABVIT_PARTS = {'stem', 'ConvNeXt blocks', 'downsample', 'attention', 'digest calibration', 'TME', 'FFN', 'norms'}
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+@pytest.fixture(scope='module')
+def benchmarks():
+    """The scripts import their helpers as siblings (bench_utils, tme), as when run from benchmarks/."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield {name: importlib.import_module(name) for name in ('traffic', 'gpu_profile')}
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope='module')
+def traffic(benchmarks):
+    return benchmarks['traffic']
+
+
+def settings(traffic, *argv: str):
+    return traffic.parse_args(['--batch-size', '2', '--train-batch-size', '2', *argv])
+
+
+def cabvit(tme: str = 'torch') -> nn.Module:
+    model = timm.create_model('cabvit_h_l1', img_size=IMG_SIZE, depths=DEPTHS)
+    model.set_tme_impl(tme)
+    return model
+
+
+def test_linear_exact(traffic):
+    """One addmm (the transposed weight is a view): input, weight and bias read, output written, in fp32."""
+    args = settings(traffic, '--dtype', 'fp32', '--batch-size', '3')
+    counts = traffic.count_inference(nn.Linear(8, 4), (8,), args)
+    assert counts['ops'] == 1 and counts['metadata_ops'] == 1
+    assert dict(counts['op_names']) == {'aten.addmm.default': 1}
+    assert counts['bytes_per_img'] * 3 == 4 * (3 * 8 + 8 * 4 + 4 + 3 * 4)
+    assert counts['small_ops'] == 1 and counts['components'] == {
+        'model glue': dict(ops=1, bytes_per_img=counts['bytes_per_img'], small_ops=1)}
+
+
+def test_linear_autocast_casts_and_training(traffic):
+    """bf16 autocast casts input, weight and bias, the parameters once per autocast context (cached for the counted
+    inference pass, as in models.py's timing loop); training adds loss, backward and three SGD foreach ops."""
+    args = settings(traffic, '--batch-size', '4')
+    assert dict(traffic.count_inference(nn.Linear(8, 4), (8,), args)['op_names']) == {
+        'aten._to_copy.default': 1, 'aten.addmm.default': 1}
+    step = traffic.count_training(nn.Linear(8, 4), (8,), args)
+    assert step['forward']['op_names']['aten._to_copy.default'] == 4  # and the logits to fp32 for the loss
+    assert step['backward']['op_names']['aten.mm.default'] == 1  # weight gradient; the input needs none
+    assert dict(step['optimizer']['op_names']) == {'aten._foreach_mul_.Scalar': 1, 'aten._foreach_add_.List': 2}
+    assert step['step']['ops'] == sum(step[k]['ops'] for k in ('forward', 'backward', 'optimizer'))
+    assert set(step['step']['components']) == {'model glue', 'loss', 'optimizer'}
+
+
+def test_bytes_affine_in_batch(traffic):
+    """Same ops at every batch; bytes = weights + batch x activations (an expanded bias counts once from batch 2)."""
+    counts = [traffic.count_inference(cabvit(), (3, IMG_SIZE, IMG_SIZE), settings(traffic, '--batch-size', str(b)))
+              for b in (2, 4, 6)]
+    assert counts[0]['ops'] == counts[1]['ops'] == counts[2]['ops'] > 50
+    total = [c['bytes_per_img'] * b for c, b in zip(counts, (2, 4, 6))]
+    assert total[2] - total[1] == pytest.approx(total[1] - total[0], rel=1e-9)
+    assert total[1] - total[0] > 0 and total[0] > total[1] - total[0]  # weights are read once per pass
+
+
+@pytest.mark.parametrize('tme', ['torch', 'triton'])
+def test_training_step(traffic, tme):
+    """Backward adds more ops than the forward has; every op has a component; the fused TME shows as its ops."""
+    input_size = (3, IMG_SIZE, IMG_SIZE)
+    inference = traffic.count_inference(cabvit(tme), input_size, settings(traffic))
+    step = traffic.count_training(cabvit(tme), input_size, settings(traffic))
+    forward, backward = step['forward'], step['backward']
+    assert 0 < inference['ops'] < forward['ops'] < backward['ops']
+    assert backward['bytes_per_img'] > forward['bytes_per_img'] > inference['bytes_per_img'] > 0
+    assert CABVIT_PARTS <= set(backward['components']) and 'other' not in step['step']['components']
+    assert 'model glue' not in backward['components']  # every autograd node traced back to its module
+    names = step['step']['op_names']
+    if tme == 'triton':  # one fused op of each kind per CabViT block
+        assert names['timm_cabvit.tme_train.default'] == names['timm_cabvit.tme_backward.default'] == 4
+        assert names['timm_cabvit.tme_bn_backward.default'] == 4
+        assert inference['op_names']['timm_cabvit.tme_eval.default'] == 4
+    else:
+        assert not any(name.startswith('timm_cabvit') for name in names)
+    assert step['step']['small_ops'] <= step['step']['ops']
+
+
+def test_tme_grids(traffic):
+    """Grids of the fused kernels: one program per tile at most, a few per SM, the channels in whole blocks."""
+    launches = traffic.tme_launches((14, 14), 320, 0, batch_size=128, train=True, sm_count=132)
+    assert [k.kernel.split()[0] for op in launches.values() for k in op] == [
+        '_tme_fwd_kernel', '_bn_stats_kernel', '_bn_apply_kernel', '_bn_bwd_reduce_kernel', '_bn_apply_kernel',
+        '_tme_bwd_kernel']
+    fwd, stats, _ = launches['tme_train']
+    assert fwd.grid[1] == stats.grid[0] == 5  # 320 channels in blocks of 64
+    assert fwd.grid[0] == math.ceil(8 * 132 / 5) <= 128 * 16
+    assert launches['tme_backward'][0].grid[0] == math.ceil(2 * 132 / 5)
+    assert traffic.tme_launches((7, 7), 480, 0, batch_size=1, train=False, sm_count=132)['tme_eval'][0].grid == (4, 15)
+
+
+def test_gpu_profile_cpu_smoke(benchmarks, tmp_path):
+    """The profile runs end to end on the CPU: every component of CabViT-H has time, backward included."""
+    rows = benchmarks['gpu_profile'].main([
+        '--device', 'cpu', '--models', 'cabvit_h_l1', '--img-size', '32', '--batch-size', '2', '--train-batch-size',
+        '2', '--iters', '1', '--warmup', '1', '--results-dir', str(tmp_path)])
+    assert [(row['model'], row['tme']) for row in rows] == [('cabvit_h_l1', 'torch')]
+    inference, training = rows[0]['passes']['inference'], rows[0]['passes']['training']
+    assert CABVIT_PARTS <= set(inference['components_ms']) and CABVIT_PARTS | {'optimizer'} <= set(
+        training['components_ms'])
+    assert training['total_ms'] > inference['total_ms'] > 0 and training['wall_ms'] > 0
+    assert training['components_ms'].get('other', 0) < 0.1 * training['total_ms']
+    assert training['kernels'][0]['ms'] >= training['kernels'][-1]['ms']
+    written = json.loads(next(tmp_path.glob('profile-*.json')).read_text())
+    assert written['rows'][0]['passes']['training']['total_ms'] == pytest.approx(training['total_ms'])
+    lines = next(tmp_path.glob('profile-*.md')).read_text().splitlines()
+    assert sum(line.startswith('| attention |') for line in lines) == 2  # inference and training tables
