@@ -308,12 +308,37 @@ def test_hub_download_cache_and_offline(trained, exported, loopback_hub, hf_env,
     assert torch.equal(torch.load(hf_env / 'y.pt'), logits)
 
 
-def test_weights_not_published(hf_env):
-    with pytest.raises(hub.CheckpointError) as e:
-        hub.create_model('cabvit_h_l1', pretrained=True)
-    message = str(e.value)
-    assert "'timm-cabvit/cabvit_h_l1.in1k' does not exist" in message and 'not published yet' in message
-    assert "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.safetensors')" in message
+def test_weights_not_published(hf_env, loopback_hub):
+    """No weights are published: nothing is listed, and pretrained=True says so at once, without a request."""
+    assert timm.list_pretrained('cabvit*') == []
+    served = len(loopback_hub.requests)
+    for create in (timm.create_model, hub.create_model):
+        with pytest.raises(RuntimeError) as e:
+            create('cabvit_h_l1', pretrained=True)
+        message = str(e.value)
+        assert 'No pretrained weights are published for cabvit_h_l1' in message
+        assert "pretrained_cfg_overlay=dict(file='/path/to/weights')" in message and 'TIMM_CABVIT_HUB_ORG' in message
+    assert len(loopback_hub.requests) == served
+
+
+def test_organisation_weights_load_with_pretrained_true(trained, exported, loopback_hub, hf_env):
+    """TIMM_CABVIT_HUB_ORG=ORG makes pretrained=True (and so train.py --pretrained) load ORG/<model>.<tag>."""
+    _, x, logits = trained
+    loopback_hub.add_folder('my-org/cabvit_h_l1.in1k', exported)
+    torch.save(x, hf_env.parent / 'x.pt')
+    script = (
+        'import sys, torch, timm\n'
+        "assert timm.list_pretrained('cabvit*') == ['cabvit_h_l1.in1k', 'cabvit_h_l2.in1k', 'cabvit_h_l3.in1k', "
+        "'cabvit_p_l0.in1k'], timm.list_pretrained('cabvit*')\n"
+        "model = timm.create_model('cabvit_h_l1', pretrained=True).eval()\n"
+        'with torch.no_grad():\n'
+        '    torch.save(model(torch.load(sys.argv[1])), sys.argv[2])\n')
+    env = dict(os.environ, TIMM_CABVIT_HUB_ORG='my-org')
+    done = subprocess.run([sys.executable, '-c', script, str(hf_env.parent / 'x.pt'), str(hf_env.parent / 'y.pt')],
+                          env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert torch.equal(torch.load(hf_env.parent / 'y.pt'), logits)
+    assert any('/my-org/cabvit_h_l1.in1k/resolve/' in r for r in loopback_hub.requests)
 
 
 def test_no_network_and_no_cache(hf_env, monkeypatch):

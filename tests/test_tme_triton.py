@@ -9,14 +9,16 @@ import importlib
 import importlib.util
 import math
 import os
+import subprocess
 import sys
 from typing import Optional, Tuple
+from unittest import mock
 
 import pytest
 import timm
 import torch
 
-import timm_cabvit  # noqa: F401  registers the models
+from timm_cabvit import cabvit
 from timm_cabvit.cabvit import TokenMergeEnhance
 
 HAS_TRITON = importlib.util.find_spec('triton') is not None
@@ -125,15 +127,23 @@ def _compare(tme: TokenMergeEnhance, x: torch.Tensor, train: bool, rtol: float =
         assert torch.allclose(b[name].double(), b_ref[name].double(), rtol=rtol, atol=rtol), name
 
 
-def test_impl_from_env(monkeypatch):
+def test_impl_from_env_and_module_setting():
+    script = 'import timm_cabvit.cabvit as c; print(c.get_tme_impl())'
     for impl in ('auto', 'triton', 'torch'):
-        monkeypatch.setenv('TIMM_CABVIT_TME', impl)
-        assert TokenMergeEnhance(8, (4, 4)).tme_impl == impl
-    monkeypatch.delenv('TIMM_CABVIT_TME')
-    assert TokenMergeEnhance(8, (4, 4)).tme_impl == 'auto'
-    monkeypatch.setenv('TIMM_CABVIT_TME', 'cuda')
-    with pytest.raises(ValueError, match='TIMM_CABVIT_TME'):
-        TokenMergeEnhance(8, (4, 4))
+        done = subprocess.run([sys.executable, '-c', script], env=dict(os.environ, TIMM_CABVIT_TME=impl),
+                              capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip() == impl, done.stderr
+    with mock.patch.object(cabvit, '_TME_IMPL', 'cuda'), pytest.raises(ValueError, match='TIMM_CABVIT_TME'):
+        TokenMergeEnhance(8, (4, 4))._use_triton(torch.zeros(1, 16, 8))
+    tme = TokenMergeEnhance(8, (4, 4))
+    assert tme.tme_impl is None  # follows the module-level setting
+    try:
+        cabvit.set_tme_impl('triton')
+        assert cabvit.get_tme_impl() == 'triton' and tme._use_triton(torch.zeros(1, 16, 8))
+        with pytest.raises(ValueError, match="'auto', 'triton' or 'torch'"):
+            cabvit.set_tme_impl('fused')
+    finally:
+        cabvit.set_tme_impl('auto')
 
 
 @pytest.mark.parametrize('model_name, img_size', [('cabvit_h_l1', 64), ('cabvit_p_l0', 32)])

@@ -8,14 +8,17 @@ merge of the TME module). Queries stay the block's own N tokens, so the extra ke
 
 CabViT-H (hybrid): ConvNeXt stages 1-2, CabViT stages 3-4, the same function as the authors' reference
 implementation (its checkpoints load through `checkpoint_filter_fn`). CabViT-P: DeiT-Tiny with CabViT blocks.
-`ARCHITECTURE.md` of this project states the function precisely.
+ARCHITECTURE.md in the repository states the function precisely and maps the package.
+
+The position biases, depth biases and digest scales are tables over token grids, sized for the model's
+`img_size` as in timm's LeViT; `set_input_size()` and checkpoint loading resample them for another size.
 """
 import importlib.util
 import math
 import os
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -33,56 +36,118 @@ from timm.layers import (
     calculate_drop_path_rates,
     get_device_dtype,
     ndgrid,
-    resize_rel_pos_bias_table,
-    to_2tuple,
     trunc_normal_,
     use_fused_attn,
 )
 from timm.layers._fx import register_notrace_function
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.convnext import ConvNeXtBlock
 
-__all__ = ['CabViT', 'CabViTPlain', 'CabViTBlock']
+from .checkpoint import (
+    check_fits,
+    checkpoint_metadata,
+    convert_reference,
+    is_reference_layout,
+    resample_tables,
+    resize_token_grid,
+    saved_img_size,
+    unwrap_checkpoint,
+)
+
+__all__ = ['CabViT', 'CabViTPlain', 'CabViTBlock', 'get_tme_impl', 'set_tme_impl']
+
+Grid = Tuple[int, int]
 
 MERGE_STRIDE = 4
+# Global attention over the tokens of a stage needs a (heads, N, N) bias: beyond this many tokens (a 2048x2048
+# image at stride 16) it no longer fits in memory, so larger sizes are refused up front.
+MAX_TOKENS = 128 * 128
 HAS_TRITON = importlib.util.find_spec('triton') is not None
+TME_IMPLS = ('auto', 'triton', 'torch')
+
+_TME_IMPL = os.environ.get('TIMM_CABVIT_TME', 'auto')
 
 
-def digest_grid_size(grid_size: Tuple[int, int]) -> Tuple[int, int]:
+def _check_tme_impl(impl: str) -> str:
+    if impl not in TME_IMPLS:
+        raise ValueError(
+            f"TME implementation (TIMM_CABVIT_TME, set_tme_impl) must be 'auto', 'triton' or 'torch', got '{impl}'")
+    return impl
+
+
+def get_tme_impl() -> str:
+    """The TME implementation of modules that were not given their own: TIMM_CABVIT_TME, or `set_tme_impl`'s."""
+    return _check_tme_impl(_TME_IMPL)
+
+
+def set_tme_impl(impl: str, model: Optional[nn.Module] = None) -> None:
+    """Select the TME implementation: 'auto' (Triton for CUDA tensors), 'triton' (fused kernel) or 'torch'.
+
+    As timm's `set_fused_attn`, one setting for every model, read at forward time; with `model`, only for the
+    TME modules of that model, overriding the setting.
+    """
+    global _TME_IMPL
+    _check_tme_impl(impl)
+    if model is None:
+        _TME_IMPL = impl
+        return
+    for module in model.modules():
+        if isinstance(module, TokenMergeEnhance):
+            module.set_impl(impl)
+
+
+def digest_grid_size(grid_size: Grid) -> Grid:
     """Grid of digest tokens left by one block: the 7x7 stride-4 merge conv (pad 3) gives ceil(H/4) x ceil(W/4)."""
     return math.ceil(grid_size[0] / MERGE_STRIDE), math.ceil(grid_size[1] / MERGE_STRIDE)
 
 
-def resize_token_grid(table: torch.Tensor, old_size: Tuple[int, int], new_size: Tuple[int, int]) -> torch.Tensor:
-    """Resample a table whose last dim is a row-major token grid, e.g. a (heads, H * W) bias.
-
-    LeViT-style position biases, digest scales and depth biases are all laid out this way, so one bicubic
-    resampling (as timm's `resize_rel_pos_bias_table_levit`, but for non-square grids too) serves them all.
-    """
-    old_size, new_size = tuple(old_size), tuple(new_size)
-    if old_size == new_size:
-        return table
-    lead = table.shape[:-1]
-    grid = table.float().reshape(-1, 1, *old_size)
-    grid = F.interpolate(grid, size=new_size, mode='bicubic', align_corners=False)
-    return grid.reshape(*lead, new_size[0] * new_size[1]).to(table.dtype)
-
-
 @torch.no_grad()
-def resized_parameter(param: nn.Parameter, old_size: Tuple[int, int], new_size: Tuple[int, int]) -> nn.Parameter:
+def resized_parameter(param: nn.Parameter, old_size: Grid, new_size: Grid) -> nn.Parameter:
     """A grid-laid parameter resampled to another token grid, frozen if the original was (set_input_size)."""
     return nn.Parameter(resize_token_grid(param, old_size, new_size), requires_grad=param.requires_grad)
 
 
+def check_img_size(img_size: Any, stride: int, model_name: str) -> Grid:
+    """The (H, W) a model is built for, after checking it is one: two sizes of at least one output stride, and not
+    so large that global attention over the tokens cannot be held in memory."""
+    if isinstance(img_size, int) and not isinstance(img_size, bool):
+        img_size = (img_size, img_size)
+    if (not isinstance(img_size, (tuple, list)) or len(img_size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in img_size)):
+        raise ValueError(f'img_size must be an int or a pair of ints (H, W), got {img_size!r}')
+    if min(img_size) < stride:
+        raise ValueError(f'{model_name} needs images of at least {stride}x{stride} (its output stride), '
+                         f'got img_size={tuple(img_size)}')
+    tokens = math.ceil(img_size[0] / 16) * math.ceil(img_size[1] / 16)
+    if tokens > MAX_TOKENS:
+        raise ValueError(
+            f'img_size={tuple(img_size)} gives {tokens:,} tokens at stride 16; global attention over them needs a '
+            f'(heads, N, N) bias beyond memory. {model_name} takes up to {MAX_TOKENS:,} tokens (2048x2048).')
+    return int(img_size[0]), int(img_size[1])
+
+
+@torch.jit.unused
+def _check_dtype(x: torch.Tensor, dtype: torch.dtype) -> None:
+    """Images of the weights' dtype, or any floating point type under autocast, which casts them itself."""
+    if x.dtype != dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(
+            f'CabViT expects {dtype} images, as its weights, got {x.dtype}; convert them (x.to({dtype}), integer '
+            f'images normalised as the model\'s pretrained_cfg mean and std say) or the model (model.to(dtype)).')
+
+
 @register_notrace_function
-def check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> torch.Tensor:
-    """Reject input the position and depth bias tables were not built for, with what was expected."""
+def check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Reject input the model and its bias tables were not built for, saying what was expected."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f'CabViT expects a torch.Tensor of images (B, {in_chans}, H, W), got {type(x).__name__}')
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise ValueError(
             f'CabViT expects images of shape (B, {in_chans}, H, W), got {list(x.shape)}; '
             f'create the model with another in_chans for images of other channel counts.')
+    if not torch.jit.is_scripting():
+        _check_dtype(x, dtype)
     if x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
         raise ValueError(
             f'CabViT was built for {img_size[0]}x{img_size[1]} images (its bias tables are sized for that grid), '
@@ -91,7 +156,7 @@ def check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> to
     return x
 
 
-class ConvBnAct(ConvNormAct):
+class FoldableConvNormAct(ConvNormAct):
     """timm's ConvNormAct (conv, BatchNorm, activation) that folds the BatchNorm into the conv for inference.
 
     `timm.utils.reparameterize_model` replaces it with the result of `fuse()`: a biased conv, followed by the
@@ -113,12 +178,15 @@ class ConvBnAct(ConvNormAct):
 
 
 class GridPosBias(nn.Module):
-    """LeViT-style position bias: one learnable value per head and absolute offset (|dy|, |dx|) on the grid."""
+    """LeViT-style position bias: one learnable value per head and absolute offset (|dy|, |dx|) on the grid.
 
-    def __init__(self, num_heads: int, grid_size: Tuple[int, int], device=None, dtype=None):
+    `window_size` and `set_window_size` are named as in timm's RelPosBias, which CabViT-P uses instead.
+    """
+
+    def __init__(self, num_heads: int, window_size: Grid, device=None, dtype=None):
         super().__init__()
-        self.grid_size = grid_size
-        num_tokens = grid_size[0] * grid_size[1]
+        self.window_size = tuple(window_size)
+        num_tokens = window_size[0] * window_size[1]
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, num_tokens, device=device, dtype=dtype))
         self.register_buffer(
             'attention_bias_idxs',
@@ -136,21 +204,21 @@ class GridPosBias(nn.Module):
         if device.type == 'meta':
             return
         pos = torch.stack(ndgrid(
-            torch.arange(self.grid_size[0], device=device),
-            torch.arange(self.grid_size[1], device=device),
+            torch.arange(self.window_size[0], device=device),
+            torch.arange(self.window_size[1], device=device),
         )).flatten(1)
         rel_pos = (pos[..., :, None] - pos[..., None, :]).abs()
-        self.attention_bias_idxs.copy_(rel_pos[0] * self.grid_size[1] + rel_pos[1])
+        self.attention_bias_idxs.copy_(rel_pos[0] * self.window_size[1] + rel_pos[1])
 
     def init_non_persistent_buffers(self) -> None:
         self._init_buffers()
 
-    def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
-        if tuple(grid_size) == tuple(self.grid_size):
+    def set_window_size(self, window_size: Grid) -> None:
+        if tuple(window_size) == self.window_size:
             return
-        self.attention_biases = resized_parameter(self.attention_biases, self.grid_size, grid_size)
-        self.grid_size = grid_size
-        num_tokens = grid_size[0] * grid_size[1]
+        self.attention_biases = resized_parameter(self.attention_biases, self.window_size, window_size)
+        self.window_size = tuple(window_size)
+        num_tokens = window_size[0] * window_size[1]
         self.attention_bias_idxs = self.attention_bias_idxs.new_empty((num_tokens, num_tokens))
         self._init_buffers()
 
@@ -165,8 +233,7 @@ class RelativeDepthBias(nn.Module):
     (index 0: the previous block) and returned in key order, oldest digests first.
     """
 
-    def __init__(
-            self, num_heads: int, depth: int, digest_grid: Tuple[int, int], device=None, dtype=None):
+    def __init__(self, num_heads: int, depth: int, digest_grid: Grid, device=None, dtype=None):
         super().__init__()
         self.digest_grid = digest_grid
         num_digest = digest_grid[0] * digest_grid[1]
@@ -175,7 +242,7 @@ class RelativeDepthBias(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.bias)
 
-    def set_grid_size(self, digest_grid: Tuple[int, int]) -> None:
+    def set_grid_size(self, digest_grid: Grid) -> None:
         self.bias = resized_parameter(self.bias, self.digest_grid, digest_grid)
         self.digest_grid = digest_grid
 
@@ -184,7 +251,7 @@ class RelativeDepthBias(nn.Module):
 
 
 class DigestCalibration(nn.Module):
-    """Scale each digest token by a learnable scalar, then LayerNorm (the reference's order, see module doc).
+    """Scale each digest token by a learnable scalar, then LayerNorm (the reference's order).
 
     The LayerNorm after the scale cancels it but for eps; kept for compatibility with the reference weights.
     `scale=False` leaves the scales out (the paper's ablation without them).
@@ -194,7 +261,7 @@ class DigestCalibration(nn.Module):
             self,
             dim: int,
             depth: int,
-            digest_grid: Tuple[int, int],
+            digest_grid: Grid,
             norm_layer: Type[nn.Module],
             scale: bool = True,
             device=None,
@@ -210,7 +277,7 @@ class DigestCalibration(nn.Module):
         if self.scale is not None:
             nn.init.ones_(self.scale)
 
-    def set_grid_size(self, digest_grid: Tuple[int, int]) -> None:
+    def set_grid_size(self, digest_grid: Grid) -> None:
         if self.scale is not None:
             self.scale = resized_parameter(self.scale, self.digest_grid, digest_grid)
         self.digest_grid = digest_grid
@@ -267,6 +334,13 @@ class CrossBlockAttention(nn.Module):
         self.attention_bias_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
+    def set_grid_size(self, grid_size: Grid) -> None:
+        """Resample the position bias to a token grid and the depth bias to its digest grid."""
+        self.pos_bias.set_window_size(grid_size)
+        if self.depth_bias is not None:
+            self.depth_bias.set_grid_size(digest_grid_size(grid_size))
+        self.attention_bias_cache = {}
+
     def _attention_bias(self) -> torch.Tensor:
         bias = self.pos_bias.get_bias()
         bias = bias.view(-1, bias.shape[-2], bias.shape[-1])
@@ -304,7 +378,7 @@ class CrossBlockAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if digests is not None:
             _, k_d, v_d = self.qkv(digests).reshape(
-                B, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+                B, digests.shape[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             k = torch.cat([k, k_d], dim=2)
             v = torch.cat([v, v_d], dim=2)
         return q, k, v
@@ -340,15 +414,15 @@ class TokenMergeEnhance(nn.Module):
 
     Two implementations compute it: the PyTorch one in `forward`, the reference and all that TorchScript and FX
     tracing see, and a fused Triton kernel (`tme_triton`) that works on the tokens in place. `tme_impl` picks one:
-    'torch', 'triton', or 'auto' (Triton for CUDA tensors when Triton is installed). It is read from the environment
-    variable TIMM_CABVIT_TME when the module is built (default 'auto'); the models' `set_tme_impl()` changes it.
+    'torch', 'triton', 'auto' (Triton for CUDA tensors when Triton is installed), or None for the module-level
+    setting (`set_tme_impl`, from the environment variable TIMM_CABVIT_TME, default 'auto').
     """
-    tme_impl: str
+    tme_impl: Optional[str]
 
     def __init__(
             self,
             dim: int,
-            grid_size: Tuple[int, int],
+            grid_size: Grid,
             merge: bool = True,
             enhance: bool = True,
             num_prefix_tokens: int = 0,
@@ -361,16 +435,21 @@ class TokenMergeEnhance(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.merge = nn.Conv2d(
             dim, dim, 7, stride=MERGE_STRIDE, padding=3, groups=dim, bias=False, **dd) if merge else None
-        self.enhance = ConvBnAct(dim, dim, 3, padding=1, groups=dim, apply_act=False, **dd) if enhance else None
-        self.set_impl(os.environ.get('TIMM_CABVIT_TME', 'auto'))
+        self.enhance = FoldableConvNormAct(
+            dim, dim, 3, padding=1, groups=dim, apply_act=False, **dd) if enhance else None
+        self.tme_impl = None
 
     @torch.jit.ignore
-    def set_impl(self, impl: str) -> None:
-        """Select the implementation: 'auto', 'triton' or 'torch'."""
-        if impl not in ('auto', 'triton', 'torch'):
-            raise ValueError(
-                f"TME implementation (TIMM_CABVIT_TME, set_tme_impl) must be 'auto', 'triton' or 'torch', got '{impl}'")
-        self.tme_impl = impl
+    def set_impl(self, impl: Optional[str]) -> None:
+        """This module's implementation: 'auto', 'triton', 'torch', or None for the module-level setting."""
+        self.tme_impl = impl if impl is None else _check_tme_impl(impl)
+
+    def set_grid_size(self, grid_size: Grid) -> None:
+        self.grid_size = grid_size
+
+    def remove_merge(self) -> None:
+        """Drop the merge branch: a block whose digests no later block reads (DDP wants every parameter used)."""
+        self.merge = None
 
     @torch.jit.unused
     def _use_triton(self, x: torch.Tensor) -> bool:
@@ -379,9 +458,10 @@ class TokenMergeEnhance(nn.Module):
         The kernel computes conv and BatchNorm itself, so a TME without its enhance branch, or with the BatchNorm
         already folded (`timm.utils.reparameterize_model`), runs the PyTorch path.
         """
-        if self.tme_impl == 'torch' or isinstance(x, torch.fx.Proxy) or not isinstance(self.enhance, ConvBnAct):
+        impl = _check_tme_impl(self.tme_impl) if self.tme_impl is not None else get_tme_impl()
+        if impl == 'torch' or isinstance(x, torch.fx.Proxy) or not isinstance(self.enhance, FoldableConvNormAct):
             return False
-        return self.tme_impl == 'triton' or (x.is_cuda and HAS_TRITON)
+        return impl == 'triton' or (x.is_cuda and HAS_TRITON)
 
     @torch.jit.unused
     def _forward_triton(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -432,7 +512,7 @@ class CabViTBlock(nn.Module):
             self,
             dim: int,
             num_heads: int,
-            grid_size: Tuple[int, int],
+            grid_size: Grid,
             block_idx: int,
             merge: bool = True,
             num_prefix_tokens: int = 0,
@@ -478,17 +558,22 @@ class CabViTBlock(nn.Module):
         self.ls2 = LayerScale(dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
-        digest_grid = digest_grid_size(grid_size)
+    def set_grid_size(self, grid_size: Grid) -> None:
+        self.attn.set_grid_size(grid_size)
         if self.digest_calib is not None:
-            self.digest_calib.set_grid_size(digest_grid)
-            self.attn.depth_bias.set_grid_size(digest_grid)
-        if isinstance(self.attn.pos_bias, RelPosBias):
-            self.attn.pos_bias.set_window_size(grid_size)
-        else:
-            self.attn.pos_bias.set_grid_size(grid_size)
-        self.attn.attention_bias_cache = {}
-        self.tme.grid_size = grid_size
+            self.digest_calib.set_grid_size(digest_grid_size(grid_size))
+        self.tme.set_grid_size(grid_size)
+
+    def table_grids(self, grid_size: Grid) -> Dict[str, Grid]:
+        """The grid each of the block's tables is laid out on when its tokens form `grid_size`, by parameter name."""
+        digest_grid = digest_grid_size(grid_size)
+        table = 'attention_biases' if isinstance(self.attn.pos_bias, GridPosBias) else 'relative_position_bias_table'
+        grids = {f'attn.pos_bias.{table}': grid_size}
+        if self.attn.depth_bias is not None:
+            grids['attn.depth_bias.bias'] = digest_grid
+        if self.digest_calib is not None and self.digest_calib.scale is not None:
+            grids['digest_calib.scale'] = digest_grid
+        return grids
 
     def forward(
             self, x: torch.Tensor, digests: Optional[torch.Tensor] = None,
@@ -504,25 +589,88 @@ class CabViTBlock(nn.Module):
 
 
 @contextmanager
-def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
-    """Momentum 0 for the BatchNorms of `module`: a checkpointed block's recomputation must not update them twice."""
+def batchnorm_momentum(module: nn.Module, momentum: Optional[float]) -> Iterator[None]:
+    """Set the momentum of every BatchNorm in `module` for a while: 0 to leave the running statistics alone, None
+    for a cumulative average (re-estimating them)."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for norm in norms:
-        norm.momentum = 0.
+        norm.momentum = momentum
     try:
         yield
     finally:
-        for norm, momentum in zip(norms, momenta):
-            norm.momentum = momentum
+        for norm, saved in zip(norms, momenta):
+            norm.momentum = saved
 
 
-def checkpoint_block(
-        block: nn.Module, x: torch.Tensor, digests: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Activation checkpointing of a CabViT block, digests included, keeping BatchNorm running stats exact."""
-    return checkpoint(
-        block, x, digests, use_reentrant=False, context_fn=lambda: (nullcontext(), _frozen_batchnorm_stats(block)))
+class CabViTBlocks(nn.ModuleList):
+    """The CabViT blocks of one stage, threading the growing digest sequence from block to block.
+
+    Shared by both models; block j of the chain attends to the digests of blocks 0..j-1. As a ModuleList its
+    blocks keep the state-dict names `blocks.{j}`.
+    """
+
+    @classmethod
+    def build(
+            cls,
+            dim: int,
+            depth: int,
+            num_heads: int,
+            grid_size: Grid,
+            drop_path: Sequence[float],
+            num_prefix_tokens: int = 0,
+            **block_kwargs: Any,
+    ) -> 'CabViTBlocks':
+        """`depth` blocks on one token grid: block j attends to the digests of 0..j-1, the last leaves none."""
+        return cls([
+            CabViTBlock(
+                dim, num_heads, grid_size, block_idx=i, merge=i < depth - 1, num_prefix_tokens=num_prefix_tokens,
+                drop_path=drop_path[i], **block_kwargs)
+            for i in range(depth)
+        ])
+
+    def set_grid_size(self, grid_size: Grid) -> None:
+        for block in self:
+            block.set_grid_size(grid_size)
+
+    def table_grids(self, grid_size: Grid) -> Dict[str, Grid]:
+        return {f'{i}.{k}': g for i, block in enumerate(self) for k, g in block.table_grids(grid_size).items()}
+
+    def truncate(self, num_blocks: int) -> 'CabViTBlocks':
+        """The first `num_blocks` blocks; the last of them leaves no digests, as no later block reads them."""
+        blocks = self[:num_blocks]
+        blocks[-1].tme.remove_merge()
+        return blocks
+
+    def _checkpoint_block(
+            self, block: nn.Module, x: torch.Tensor, digests: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Activation checkpointing of a block, digests included; BatchNorm statistics updated once, not twice."""
+        return checkpoint(
+            block, x, digests, use_reentrant=False,
+            context_fn=lambda: (nullcontext(), batchnorm_momentum(block, 0.)))
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            grad_checkpointing: bool = False,
+            take_indices: Optional[List[int]] = None,
+            stop_index: int = -1,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Tokens after blocks 0..stop_index (all if negative), and the outputs of the blocks in take_indices."""
+        taken: List[torch.Tensor] = []
+        digests: Optional[torch.Tensor] = None
+        for i, block in enumerate(self):
+            if stop_index < 0 or i <= stop_index:  # no break: TorchScript unrolls loops over a ModuleList
+                if grad_checkpointing and not torch.jit.is_scripting():
+                    x, digest = self._checkpoint_block(block, x, digests)
+                else:
+                    x, digest = block(x, digests)
+                if digest is not None:
+                    digests = digest if digests is None else torch.cat([digests, digest], dim=1)
+                if take_indices is not None and i in take_indices:
+                    taken.append(x)
+        return x, taken
 
 
 class Downsample(nn.Module):
@@ -531,9 +679,10 @@ class Downsample(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, act_layer: Type[nn.Module] = nn.GELU, device=None, dtype=None):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.conv1 = ConvBnAct(in_chs, out_chs, 1, act_layer=act_layer, **dd)
-        self.conv2 = ConvBnAct(out_chs, out_chs, 3, stride=2, padding=1, groups=out_chs, act_layer=act_layer, **dd)
-        self.conv3 = ConvBnAct(out_chs, out_chs, 1, apply_act=False, **dd)
+        self.conv1 = FoldableConvNormAct(in_chs, out_chs, 1, act_layer=act_layer, **dd)
+        self.conv2 = FoldableConvNormAct(
+            out_chs, out_chs, 3, stride=2, padding=1, groups=out_chs, act_layer=act_layer, **dd)
+        self.conv3 = FoldableConvNormAct(out_chs, out_chs, 1, apply_act=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv3(self.conv2(self.conv1(x)))
@@ -550,7 +699,7 @@ class ConvStage(nn.Module):
             downsample: bool = True,
             mlp_ratio: float = 4.,
             ls_init_value: float = 1e-6,
-            drop_path: Union[List[float], Tuple[float, ...]] = (),
+            drop_path: Sequence[float] = (),
             act_layer: Type[nn.Module] = nn.GELU,
             device=None,
             dtype=None,
@@ -559,7 +708,6 @@ class ConvStage(nn.Module):
         super().__init__()
         self.grad_checkpointing = False
         self.downsample = Downsample(in_chs, out_chs, act_layer=act_layer, **dd) if downsample else nn.Identity()
-        drop_path = list(drop_path) or [0.] * depth
         self.blocks = nn.Sequential(*[
             ConvNeXtBlock(
                 out_chs, mlp_ratio=mlp_ratio, ls_init_value=ls_init_value, act_layer=act_layer,
@@ -567,8 +715,11 @@ class ConvStage(nn.Module):
             for i in range(depth)
         ])
 
-    def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
+    def set_grid_size(self, grid_size: Grid) -> None:
         """Convolutions work at any size."""
+
+    def table_grids(self, grid_size: Grid) -> Dict[str, Grid]:
+        return {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -578,7 +729,7 @@ class ConvStage(nn.Module):
 
 
 class CabViTStage(nn.Module):
-    """Downsample, then CabViT blocks on the token sequence, threading the growing digest sequence through them.
+    """Downsample, then CabViT blocks on the token sequence.
 
     Input and output are NCHW maps, so stages and feature taps look alike across the hybrid model.
     """
@@ -589,76 +740,33 @@ class CabViTStage(nn.Module):
             out_chs: int,
             depth: int,
             num_heads: int,
-            grid_size: Tuple[int, int],
-            cross_block: bool = True,
-            digest_scale: bool = True,
-            tme_enhance: bool = True,
-            mlp_ratio: float = 4.,
-            ls_init_value: float = 1e-6,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: Union[List[float], Tuple[float, ...]] = (),
+            grid_size: Grid,
+            drop_path: Sequence[float] = (),
             act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Type[nn.Module] = nn.LayerNorm,
             device=None,
             dtype=None,
+            **block_kwargs: Any,
     ):
-        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.grad_checkpointing = False
         self.grid_size = grid_size
-        self.downsample = Downsample(in_chs, out_chs, act_layer=act_layer, **dd)
-        drop_path = list(drop_path) or [0.] * depth
-        self.blocks = nn.ModuleList([
-            CabViTBlock(
-                out_chs,
-                num_heads,
-                grid_size,
-                block_idx=i,
-                merge=i < depth - 1,
-                cross_block=cross_block,
-                digest_scale=digest_scale,
-                tme_enhance=tme_enhance,
-                mlp_ratio=mlp_ratio,
-                ls_init_value=ls_init_value,
-                proj_drop=proj_drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path[i],
-                act_layer=act_layer,
-                norm_layer=norm_layer,
-                **dd,
-            )
-            for i in range(depth)
-        ])
+        self.downsample = Downsample(in_chs, out_chs, act_layer=act_layer, device=device, dtype=dtype)
+        self.blocks = CabViTBlocks.build(
+            out_chs, depth, num_heads, grid_size, drop_path, act_layer=act_layer, device=device, dtype=dtype,
+            **block_kwargs)
 
-    def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
+    def set_grid_size(self, grid_size: Grid) -> None:
         self.grid_size = grid_size
-        for block in self.blocks:
-            block.set_grid_size(grid_size)
+        self.blocks.set_grid_size(grid_size)
+
+    def table_grids(self, grid_size: Grid) -> Dict[str, Grid]:
+        return {f'blocks.{k}': g for k, g in self.blocks.table_grids(grid_size).items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         B, C, H, W = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        digests: Optional[torch.Tensor] = None
-        for block in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, digest = checkpoint_block(block, x, digests)
-            else:
-                x, digest = block(x, digests)
-            if digest is not None:
-                digests = digest if digests is None else torch.cat([digests, digest], dim=1)
+        x, _ = self.blocks(x.flatten(2).transpose(1, 2), self.grad_checkpointing)
         return x.transpose(1, 2).reshape(B, C, H, W)
-
-
-def _stage_grids(img_size: Tuple[int, int], num_stages: int) -> List[Tuple[int, int]]:
-    """Feature map size after each stage: every stride-2 conv (kernel 3, pad 1) gives ceil(size / 2)."""
-    size, grids = img_size, []
-    for i in range(num_stages):
-        for _ in range(2 if i == 0 else 1):
-            size = (math.ceil(size[0] / 2), math.ceil(size[1] / 2))
-        grids.append(size)
-    return grids
 
 
 def _init_weights(module: nn.Module, ls_init_value: Optional[float] = None, needs_reset: bool = True) -> None:
@@ -721,23 +829,20 @@ class CabViT(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.img_size = to_2tuple(img_size)
-        if min(self.img_size) < 32:
-            raise ValueError(f'CabViT-H needs images of at least 32x32 (its output stride), got img_size={img_size}')
         if not len(embed_dims) == len(depths) == len(num_heads):
             raise ValueError('embed_dims, depths and num_heads need one entry per stage')
+        self.img_size = check_img_size(img_size, 2 ** (len(depths) + 1), 'CabViT-H')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.drop_rate = drop_rate
-        self.grad_checkpointing = False
 
         self.stem = nn.Sequential(
-            ConvBnAct(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1, act_layer=act_layer, **dd),
-            ConvBnAct(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1, apply_act=False, **dd),
+            FoldableConvNormAct(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1, act_layer=act_layer, **dd),
+            FoldableConvNormAct(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1, apply_act=False, **dd),
         )
-        grids = _stage_grids(self.img_size, len(depths))
-        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
+        grids = self.token_grids(self.img_size, len(depths))
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
         self.feature_info = []
         in_chs = embed_dims[0]
@@ -771,6 +876,22 @@ class CabViT(nn.Module):
         """(Re)initialise all weights and index buffers, e.g. after meta-device construction and `to_empty()`."""
         self.apply(partial(_init_weights, ls_init_value=self.ls_init_value, needs_reset=needs_reset))
 
+    @staticmethod
+    def token_grids(img_size: Grid, num_stages: int = 4) -> List[Grid]:
+        """Feature map size after each stage: every stride-2 conv (kernel 3, pad 1) gives ceil(size / 2)."""
+        size, grids = img_size, []
+        for i in range(num_stages):
+            for _ in range(2 if i == 0 else 1):
+                size = (math.ceil(size[0] / 2), math.ceil(size[1] / 2))
+            grids.append(size)
+        return grids
+
+    def table_grids(self, img_size: Optional[Grid] = None) -> Dict[str, Grid]:
+        """The grid each bias or scale table is laid out on at `img_size` (the model's own if None), by key."""
+        grids = self.token_grids(img_size or self.img_size, len(self.stages))
+        return {f'stages.{i}.{k}': g for i, (stage, grid) in enumerate(zip(self.stages, grids))
+                for k, g in stage.table_grids(grid).items()}
+
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith(('attention_biases', 'depth_bias.bias', '.scale'))}
@@ -792,10 +913,8 @@ class CabViT(nn.Module):
 
     @torch.jit.ignore
     def set_tme_impl(self, impl: str) -> None:
-        """Select the TME implementation of every CabViT block: 'auto', 'triton' (fused kernel) or 'torch'."""
-        for module in self.modules():
-            if isinstance(module, TokenMergeEnhance):
-                module.set_impl(impl)
+        """Select the TME implementation of this model: 'auto', 'triton' (fused kernel) or 'torch'."""
+        set_tme_impl(impl, self)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -805,17 +924,17 @@ class CabViT(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head.reset(num_classes, global_pool, in_features=self.num_features, **get_device_dtype(self))
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
         self.head_hidden_size = self.head.num_features
 
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
         """Rebuild the bias tables for another input size (bicubic resampling of the learned ones)."""
-        img_size = to_2tuple(img_size)
-        if min(img_size) < 32:
-            raise ValueError(f'CabViT-H needs images of at least 32x32 (its output stride), got img_size={img_size}')
-        self.img_size = img_size
-        for stage, grid in zip(self.stages, _stage_grids(img_size, len(self.stages))):
+        self.img_size = check_img_size(img_size, 2 ** (len(self.stages) + 1), 'CabViT-H')
+        for stage, grid in zip(self.stages, self.token_grids(self.img_size, len(self.stages))):
             stage.set_grid_size(grid)
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_input(x, self.in_chans, self.img_size, self.stages[0].blocks[0].conv_dw.weight.dtype)
 
     def forward_intermediates(
             self,
@@ -840,7 +959,7 @@ class CabViT(nn.Module):
             raise ValueError(f"CabViT-H intermediates are NCHW maps, got output_fmt='{output_fmt}'")
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(check_input(x, self.in_chans, self.img_size))
+        x = self.stem(self._check_input(x))
         if torch.jit.is_scripting() or not stop_early:
             stages = self.stages
         else:
@@ -867,13 +986,14 @@ class CabViT(nn.Module):
         if prune_head or prune_end:
             self.num_classes = 0
             self.global_pool = ''
-            self.head.reset(0, '', reset_other=True, in_features=self.num_features, **get_device_dtype(self))
+            self.head = NormMlpClassifierHead(
+                self.num_features, 0, pool_type='', norm_layer=nn.Identity, **get_device_dtype(self))
+            self.head.train(self.training)
             self.head_hidden_size = self.head.num_features
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(check_input(x, self.in_chans, self.img_size))
-        return self.stages(x)
+        return self.stages(self.stem(self._check_input(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
@@ -931,9 +1051,7 @@ class CabViTPlain(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         if global_pool not in ('', 'avg', 'token'):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got '{global_pool}'")
-        self.img_size = to_2tuple(img_size)
-        if min(self.img_size) < patch_size:
-            raise ValueError(f'CabViT-P needs images of at least {patch_size}x{patch_size}, got img_size={img_size}')
+        self.img_size = check_img_size(img_size, patch_size, 'CabViT-P')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -943,32 +1061,12 @@ class CabViTPlain(nn.Module):
 
         self.patch_embed = PatchEmbed(
             img_size=self.img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **dd)
-        grid_size = self.patch_embed.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
-        dpr = calculate_drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList([
-            CabViTBlock(
-                embed_dim,
-                num_heads,
-                grid_size,
-                block_idx=i,
-                merge=i < depth - 1,
-                num_prefix_tokens=1,
-                cross_block=cross_block,
-                digest_scale=digest_scale,
-                tme_enhance=tme_enhance,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                ls_init_value=ls_init_value,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=dpr[i],
-                act_layer=act_layer,
-                norm_layer=norm_layer,
-                **dd,
-            )
-            for i in range(depth)
-        ])
+        self.blocks = CabViTBlocks.build(
+            embed_dim, depth, num_heads, self.patch_embed.grid_size, calculate_drop_path_rates(drop_path_rate, depth),
+            num_prefix_tokens=1, cross_block=cross_block, digest_scale=digest_scale, tme_enhance=tme_enhance,
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, ls_init_value=ls_init_value, proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate, act_layer=act_layer, norm_layer=norm_layer, **dd)
         reduction = self.patch_embed.feat_ratio()
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.norm = norm_layer(embed_dim, **dd)
@@ -980,6 +1078,15 @@ class CabViTPlain(nn.Module):
         """(Re)initialise all weights and index buffers, e.g. after meta-device construction and `to_empty()`."""
         trunc_normal_(self.cls_token, std=.02)
         self.apply(partial(_init_weights, needs_reset=needs_reset))
+
+    def token_grids(self, img_size: Grid) -> List[Grid]:
+        """The patch grid, the one token grid of the model."""
+        return [(img_size[0] // self.patch_embed.patch_size[0], img_size[1] // self.patch_embed.patch_size[1])]
+
+    def table_grids(self, img_size: Optional[Grid] = None) -> Dict[str, Grid]:
+        """The grid each bias or scale table is laid out on at `img_size` (the model's own if None), by key."""
+        grid = self.token_grids(img_size or self.img_size)[0]
+        return {f'blocks.{k}': g for k, g in self.blocks.table_grids(grid).items()}
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -997,10 +1104,8 @@ class CabViTPlain(nn.Module):
 
     @torch.jit.ignore
     def set_tme_impl(self, impl: str) -> None:
-        """Select the TME implementation of every CabViT block: 'auto', 'triton' (fused kernel) or 'torch'."""
-        for module in self.modules():
-            if isinstance(module, TokenMergeEnhance):
-                module.set_impl(impl)
+        """Select the TME implementation of this model: 'auto', 'triton' (fused kernel) or 'torch'."""
+        set_tme_impl(impl, self)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -1018,34 +1123,17 @@ class CabViTPlain(nn.Module):
 
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
         """Rebuild the patch grid's bias tables for another input size (resampling the learned ones)."""
-        img_size = to_2tuple(img_size)
-        patch_size = self.patch_embed.patch_size
-        if img_size[0] < patch_size[0] or img_size[1] < patch_size[1]:
-            raise ValueError(f'CabViT-P needs images of at least {patch_size}, got img_size={img_size}')
-        self.patch_embed.set_input_size(img_size=img_size)
-        self.img_size = img_size
-        for block in self.blocks:
-            block.set_grid_size(self.patch_embed.grid_size)
+        self.img_size = check_img_size(img_size, self.patch_embed.patch_size[0], 'CabViT-P')
+        self.patch_embed.set_input_size(img_size=self.img_size)
+        self.blocks.set_grid_size(self.patch_embed.grid_size)
 
     def _forward_tokens(
-            self, x: torch.Tensor, take_indices: List[int], stop_index: int,
+            self, x: torch.Tensor, take_indices: Optional[List[int]] = None, stop_index: int = -1,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run blocks 0..stop_index, returning the last tokens and the outputs of the blocks in take_indices."""
-        x = self.patch_embed(check_input(x, self.in_chans, self.img_size))
+        x = self.patch_embed(check_input(x, self.in_chans, self.img_size, self.patch_embed.proj.weight.dtype))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        taken: List[torch.Tensor] = []
-        digests: Optional[torch.Tensor] = None
-        for i, block in enumerate(self.blocks):
-            if i <= stop_index:  # no break: TorchScript unrolls loops over a ModuleList
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x, digest = checkpoint_block(block, x, digests)
-                else:
-                    x, digest = block(x, digests)
-                if digest is not None:
-                    digests = digest if digests is None else torch.cat([digests, digest], dim=1)
-                if i in take_indices:
-                    taken.append(x)
-        return x, taken
+        return self.blocks(x, self.grad_checkpointing, take_indices, stop_index)
 
     def forward_intermediates(
             self,
@@ -1071,7 +1159,7 @@ class CabViTPlain(nn.Module):
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got '{output_fmt}'")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        stop_index = max_index if stop_early and not torch.jit.is_scripting() else len(self.blocks) - 1
+        stop_index = max_index if stop_early and not torch.jit.is_scripting() else -1
         x, intermediates = self._forward_tokens(x, take_indices, stop_index)
         if norm:
             intermediates = [self.norm(y) for y in intermediates]
@@ -1093,8 +1181,7 @@ class CabViTPlain(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        self.blocks[-1].tme.merge = None  # no later block reads its digests (DDP wants every parameter used)
+        self.blocks = self.blocks.truncate(max_index + 1)
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -1102,7 +1189,7 @@ class CabViTPlain(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self._forward_tokens(x, [], len(self.blocks) - 1)
+        x, _ = self._forward_tokens(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -1117,201 +1204,23 @@ class CabViTPlain(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map any checkpoint of a CabViT model to this model's keys and token grids, or say why it does not fit.
 
     Accepts our own state dict, timm train.py checkpoints (EMA weights first, as timm's `load_state_dict`) with
-    DDP / torch.compile prefixes, and the authors' reference layout. Position biases, depth biases and digest
-    scales saved at another input size are resampled. The classifier and the first conv are left as they are:
-    timm's `load_pretrained` drops or adapts them for another num_classes or in_chans. Anything else that does
-    not fit raises, as timm's loader turns strict loading off when it drops a classifier.
+    DDP / torch.compile prefixes, and the authors' reference layout. Tables saved at another input size are
+    resampled from the grids of the size the checkpoint records (see `checkpoint.saved_img_size`). The
+    classifier and first conv are left to timm's `load_pretrained`, which drops or adapts them.
     """
-    state_dict = _unwrap_checkpoint(state_dict)
-    if any(k.startswith(('patch_embed.seq.', 'layer_', 'norm_head.')) for k in state_dict):
-        state_dict = _convert_reference(state_dict)
-    target = model.state_dict()
-    token_grids, digest_grids = _source_grids(model)
-    out = {}
-    for k, v in state_dict.items():
-        if k in target and isinstance(v, torch.Tensor) and v.shape != target[k].shape:
-            module = model.get_submodule(k.rsplit('.', 1)[0])
-            v = _resize_to_grid(module, v, target[k].shape, digest_grids if k.endswith(
-                ('depth_bias.bias', 'digest_calib.scale')) else token_grids)
-        out[k] = v
-    for k, v in target.items():
-        if k.endswith('.num_batches_tracked') and k not in out:
-            out[k] = v  # a counter, not a weight: older BatchNorm checkpoints lack it
-    _check_fits(out, target, model)
-    return out
-
-
-def _unwrap_checkpoint(checkpoint: Dict) -> Dict[str, torch.Tensor]:
-    """The model weights of a checkpoint, without the DDP and torch.compile prefixes of their keys."""
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    out = {}
-    for k, v in checkpoint.items():
-        while k.startswith(('module.', '_orig_mod.')):
-            k = k.split('.', 1)[1]
-        out[k] = v
-    return out
-
-
-# Block members of the reference implementation and ours: ConvNeXt blocks (stages 1-2), then CabViT blocks.
-_REFERENCE_BLOCK_KEYS = {
-    'dwconv': 'conv_dw', 'pwconv1': 'mlp.fc1', 'pwconv2': 'mlp.fc2',
-    'gamma_1': 'ls1.gamma', 'gamma_2': 'ls2.gamma',
-    'attention_biases': 'attn.pos_bias.attention_biases',
-    's_token_bias': 'attn.depth_bias.bias', 's_scale_factors': 'digest_calib.scale', 's_norm': 'digest_calib.norm',
-    'qkv': 'attn.qkv', 'proj': 'attn.proj',
-    'dw_conv': 'tme.merge', 'local_conv.c': 'tme.enhance.conv', 'local_conv.bn': 'tme.enhance.bn',
-    'mlp.norm': 'mlp.pre_norm',
-}
-
-
-def _convert_reference(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename the reference implementation's keys to ours and lay out its digest tables as ours.
-
-    Its downsample layers belong to the stage before them (ours to the stage after). Its block j keeps the depth
-    biases (1, heads, 1, j * S) and digest scales (1, j * S, 1) of the digests in key order, oldest block first;
-    ours are (heads, j, S) indexed by relative depth, previous block first, and (j, S) oldest first.
-    Unknown keys keep their names, so that the fit check reports them.
-    """
-    out = {}
-    for k, v in state_dict.items():
-        parts = k.split('.')
-        if k.startswith('patch_embed.seq.') and len(parts) == 5 and parts[2].isdigit():
-            k = f'stem.{int(parts[2]) // 2}.{"conv" if parts[3] == "c" else parts[3]}.{parts[4]}'
-        elif k.startswith('norm_head.'):
-            k = 'head.norm.' + k[len('norm_head.'):]
-        elif k in ('head.weight', 'head.bias'):
-            k = 'head.fc.' + parts[1]
-        elif parts[0].startswith('layer_') and parts[0][len('layer_'):].isdigit() and len(parts) > 3:
-            stage = int(parts[0][len('layer_'):])
-            if parts[1] == 'downsample' and len(parts) == 5:
-                k = f'stages.{stage + 1}.downsample.{parts[2]}.{"conv" if parts[3] == "c" else parts[3]}.{parts[4]}'
-            elif parts[1] == 'blocks' and parts[2].isdigit():
-                k, v = _convert_reference_block(f'stages.{stage}.blocks.{parts[2]}.', int(parts[2]), parts[3:], v)
-        out[k] = v
-    return out
-
-
-def _convert_reference_block(
-        prefix: str, block_idx: int, member: List[str], value: torch.Tensor) -> Tuple[str, torch.Tensor]:
-    """One key of a reference block: the longest known member name is renamed, digest tables laid out as ours."""
-    for n in range(len(member), 0, -1):
-        name = '.'.join(member[:n])
-        if name in _REFERENCE_BLOCK_KEYS:
-            member = _REFERENCE_BLOCK_KEYS[name].split('.') + member[n:]
-            break
-    key = prefix + '.'.join(member)
-    if block_idx and key.endswith('attn.depth_bias.bias') and value.ndim == 4 and value.shape[-1] % block_idx == 0:
-        value = value.reshape(value.shape[1], block_idx, -1).flip(1)
-    elif block_idx and key.endswith('digest_calib.scale') and value.ndim == 3 and value.shape[1] % block_idx == 0:
-        value = value.reshape(block_idx, -1)
-    return key, value
-
-
-def _source_grids(model: nn.Module) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
-    """Token and digest grids of the model at the input size of its pretrained cfg, the checkpoint's size."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    img_size = tuple(cfg.get('input_size') or (3, 224, 224))[-2:]
-    if isinstance(model, CabViTPlain):
-        token_grids = [tuple(s // p for s, p in zip(img_size, model.patch_embed.patch_size))]
-    elif isinstance(model, CabViT):
-        token_grids = _stage_grids(img_size, len(model.stages))
-    else:
-        token_grids = []
-    return token_grids, [digest_grid_size(g) for g in token_grids]
-
-
-def _check_fits(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor], model: nn.Module) -> None:
-    """Raise, listing keys and shapes, unless the state dict loads completely (classifier and first conv aside)."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    classifiers = cfg.get('classifier') or ()
-    classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
-    lenient = {f'{c}.{p}' for c in classifiers for p in ('weight', 'bias')}
-    first_convs = cfg.get('first_conv') or ()
-    first_convs = {f'{c}.weight' for c in ((first_convs,) if isinstance(first_convs, str) else first_convs)}
-
-    def fits(k: str, v: torch.Tensor) -> bool:
-        shape, want = tuple(v.shape), tuple(target[k].shape)
-        if shape == want or k in lenient:
-            return True
-        # another in_chans, adapted by timm's load_pretrained
-        return k in first_convs and len(shape) == 4 and shape[:1] + shape[2:] == want[:1] + want[2:]
-
-    missing = [k for k in target if k not in state_dict and k not in lenient]
-    unexpected = [k for k in state_dict if k not in target and k not in lenient]
-    mismatched = [
-        f'{k}: checkpoint {tuple(getattr(v, "shape", ()))}, model {tuple(target[k].shape)}'
-        for k, v in state_dict.items()
-        if k in target and not (isinstance(v, torch.Tensor) and fits(k, v))]
-    if not (missing or unexpected or mismatched):
-        return
-
-    def listing(title: str, items: List[str], limit: int = 12) -> str:
-        more = f'\n    ... and {len(items) - limit} more' if len(items) > limit else ''
-        return f'\n  {title} ({len(items)}):\n    ' + '\n    '.join(items[:limit]) + more if items else ''
-
-    model_desc = (
-        f"{cfg.get('architecture') or type(model).__name__} (img_size {tuple(getattr(model, 'img_size', ()))}, "
-        f"in_chans {getattr(model, 'in_chans', '?')}, num_classes {getattr(model, 'num_classes', '?')})")
-    raise ValueError(
-        f'The checkpoint from {_checkpoint_source(cfg)} does not fit {model_desc}: it is a checkpoint of another '
-        f'model or size, and loading it would leave weights missing or unused.'
-        + listing('missing from the checkpoint', missing)
-        + listing('not in the model', unexpected)
-        + listing('other shape', mismatched)
-        + '\nCreate the model the checkpoint was trained as (its architecture and model_args), or pick the '
-          'checkpoint of this model.')
-
-
-def _checkpoint_source(cfg: Dict) -> str:
-    """Where timm's load_pretrained takes the weights from, in its order, for error messages."""
-    if cfg.get('source') == 'hf-hub' and cfg.get('hf_hub_id'):
-        return f"Hugging Face Hub repo '{cfg['hf_hub_id']}'"
-    if cfg.get('state_dict') is not None:
-        return 'the state dict given as pretrained_cfg state_dict'
-    if cfg.get('file'):
-        return f"file '{cfg['file']}'"
-    if cfg.get('hf_hub_id'):
-        return f"Hugging Face Hub repo '{cfg['hf_hub_id']}'"
-    return f"url '{cfg['url']}'" if cfg.get('url') else 'the given state dict'
-
-
-def _resize_to_grid(
-        module: nn.Module,
-        value: torch.Tensor,
-        shape: torch.Size,
-        source_grids: Optional[List[Tuple[int, int]]] = None,
-) -> torch.Tensor:
-    """Resample a table saved for another token grid to the module's grid.
-
-    The saved grid is the one of `source_grids` (the model's grids at the input size of the pretrained cfg) with
-    as many tokens as the table, else a square grid, as timm assumes. Other tables are returned unchanged for the
-    fit check to report.
-    """
-    if isinstance(module, RelPosBias):
-        return resize_rel_pos_bias_table(value, new_window_size=module.window_size, new_bias_shape=tuple(shape))
-    if isinstance(module, GridPosBias):
-        new_grid = module.grid_size
-    elif isinstance(module, (RelativeDepthBias, DigestCalibration)):
-        new_grid = module.digest_grid
-    else:
-        return value
-    num_tokens = value.shape[-1]
-    if value.shape[:-1] != shape[:-1]:
-        return value
-    old_grid = next((g for g in source_grids or () if g[0] * g[1] == num_tokens), None)
-    if old_grid is None:
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            return value
-        old_grid = (side, side)
-    return resize_token_grid(value, old_grid, new_grid)
+    metadata = checkpoint_metadata(state_dict) or checkpoint_metadata(model.pretrained_cfg.get('file'))
+    state_dict = unwrap_checkpoint(state_dict)
+    if is_reference_layout(state_dict):
+        state_dict = convert_reference(state_dict)
+    source_size = saved_img_size(state_dict, model, metadata.get('img_size'))
+    if source_size is not None:
+        target = model.state_dict()
+        state_dict = resample_tables(state_dict, model.table_grids(source_size), model.table_grids(), target)
+    return check_fits(state_dict, model)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
@@ -1329,20 +1238,42 @@ def _cfg(url: str = '', **kwargs) -> Dict:
     }
 
 
-# Hub repos where ImageNet-1k weights are to be published (none are yet): `pretrained=True` downloads from them.
+# The Hub organisation whose repos ORG/<model>.<tag> hold the weights `pretrained=True` loads. No weights are
+# published yet: this becomes the project's organisation once they are. Until then TIMM_CABVIT_HUB_ORG names an
+# organisation of one's own (weights written by `timm-cabvit export` and uploaded by `timm-cabvit push`).
+WEIGHTS_HUB_ORG: Optional[str] = os.environ.get('TIMM_CABVIT_HUB_ORG') or None
+
+
+def _hub_id(name: str) -> Dict[str, str]:
+    return {'hf_hub_id': f'{WEIGHTS_HUB_ORG}/{name}'} if WEIGHTS_HUB_ORG else {}
+
+
 default_cfgs = generate_default_cfgs({
-    'cabvit_p_l0.in1k': _cfg(
-        hf_hub_id='timm-cabvit/cabvit_p_l0.in1k', pool_size=None, first_conv='patch_embed.proj', classifier='head'),
-    'cabvit_h_l1.in1k': _cfg(hf_hub_id='timm-cabvit/cabvit_h_l1.in1k'),
-    'cabvit_h_l2.in1k': _cfg(hf_hub_id='timm-cabvit/cabvit_h_l2.in1k'),
-    'cabvit_h_l3.in1k': _cfg(hf_hub_id='timm-cabvit/cabvit_h_l3.in1k'),
+    'cabvit_p_l0.in1k': _cfg(**_hub_id('cabvit_p_l0.in1k'), pool_size=None, first_conv='patch_embed.proj',
+                             classifier='head'),
+    'cabvit_h_l1.in1k': _cfg(**_hub_id('cabvit_h_l1.in1k')),
+    'cabvit_h_l2.in1k': _cfg(**_hub_id('cabvit_h_l2.in1k')),
+    'cabvit_h_l3.in1k': _cfg(**_hub_id('cabvit_h_l3.in1k')),
 })
 
 
-def _create_cabvit(variant: str, pretrained: bool = False, **kwargs) -> CabViT:
-    out_indices = kwargs.pop('out_indices', 4)
+def _check_weights_exist(variant: str, kwargs: Dict[str, Any]) -> None:
+    """Refuse `pretrained=True` at once, saying how to load weights, where the cfg names none to load."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict is not None):
+        raise RuntimeError(
+            f"No pretrained weights are published for {variant} yet. Load your own: "
+            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/weights')) "
+            f"for a file, timm.create_model('hf-hub:ORG/NAME', pretrained=True) for a Hub repo written by "
+            f"`timm-cabvit export`, or set TIMM_CABVIT_HUB_ORG=ORG to make pretrained=True load ORG/{variant}.in1k.")
+
+
+def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    if pretrained:
+        _check_weights_exist(variant, kwargs)
+    out_indices = kwargs.pop('out_indices', 4 if model_cls is CabViT else 3)
     return build_model_with_cfg(
-        CabViT, variant, pretrained,
+        model_cls, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
@@ -1353,31 +1284,25 @@ def _create_cabvit(variant: str, pretrained: bool = False, **kwargs) -> CabViT:
 def cabvit_p_l0(pretrained: bool = False, **kwargs) -> CabViTPlain:
     """CabViT-P-L0: DeiT-Tiny (192 wide, 12 blocks, 3 heads) with CabViT blocks, 5.9 M parameters."""
     model_args = dict(embed_dim=192, depth=12, num_heads=3)
-    out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        CabViTPlain, 'cabvit_p_l0', pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **dict(model_args, **kwargs),
-    )
+    return _create(CabViTPlain, 'cabvit_p_l0', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cabvit_h_l1(pretrained: bool = False, **kwargs) -> CabViT:
     """CabViT-H-L1: 6.2 M parameters, 1.4 GFLOPs at 224."""
     model_args = dict(embed_dims=(64, 128, 192, 320), depths=(2, 2, 6, 2), num_heads=(None, None, 6, 10))
-    return _create_cabvit('cabvit_h_l1', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create(CabViT, 'cabvit_h_l1', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cabvit_h_l2(pretrained: bool = False, **kwargs) -> CabViT:
     """CabViT-H-L2: 16.3 M parameters, 3.6 GFLOPs at 224."""
     model_args = dict(embed_dims=(96, 192, 320, 480), depths=(2, 2, 7, 2), num_heads=(None, None, 10, 15))
-    return _create_cabvit('cabvit_h_l2', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create(CabViT, 'cabvit_h_l2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cabvit_h_l3(pretrained: bool = False, **kwargs) -> CabViT:
     """CabViT-H-L3 of the reference code (not in the paper): 27.9 M parameters, 6.7 GFLOPs at 224."""
     model_args = dict(embed_dims=(96, 192, 320, 512), depths=(3, 6, 12, 3), num_heads=(None, None, 10, 16))
-    return _create_cabvit('cabvit_h_l3', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create(CabViT, 'cabvit_h_l3', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -9,9 +9,7 @@ No ImageNet weights are published yet: the repos the pretrained cfgs name (`timm
 do not exist until someone trains the models and pushes them.
 """
 import json
-import math
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
@@ -24,27 +22,27 @@ from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from timm.layers import RelPosBias
-from timm.models import (
-    get_arch_pretrained_cfgs,
-    get_pretrained_cfg,
-    load_state_dict,
-    save_for_hf,
-    split_model_name_tag,
-)
+from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 from timm.models._hub import generate_readme
 
-from .cabvit import GridPosBias, _convert_reference, _unwrap_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    check_checkpoint_file,
+    checkpoint_metadata,
+    convert_reference,
+    is_reference_layout,
+    load_checkpoint_file,
+    saved_img_size,
+    unwrap_checkpoint,
+)
 
-__all__ = [
-    'CheckpointError', 'check_checkpoint_file', 'create_model', 'export_checkpoint', 'load_checkpoint_file',
-    'parse_metrics', 'push',
-]
+__all__ = ['CheckpointError', 'create_model', 'export_checkpoint', 'parse_metrics', 'push']
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,10 +57,6 @@ _CITATION = """@article{zhang2022cabvit,
 }"""
 
 _DATASETS = {'in1k': 'ImageNet-1k', 'in22k': 'ImageNet-22k', 'in22k_ft_in1k': 'ImageNet-1k'}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or Hub repo that cannot be used; the message names it and says what to do."""
 
 
 def _local_file_hint(arch: str) -> str:
@@ -84,78 +78,6 @@ def _resolve_name(model_name: str) -> Tuple[str, str]:
             f"Unknown pretrained tag '{tag}' for {arch}; its tags are {', '.join(names)}. "
             + _local_file_hint(arch))
     return arch, tag
-
-
-def _check_safetensors(path: Path, size: int) -> Optional[str]:
-    """What is wrong with a safetensors file, from its header and length (no tensor is read), or None."""
-    with path.open('rb') as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f'{size} bytes, shorter than a safetensors header'
-        header_len = int.from_bytes(head, 'little')
-        if header_len > size - 8:
-            return f'its header claims {header_len} bytes but the file has {size}'
-        try:
-            header = json.loads(f.read(header_len))
-            end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            return 'its header is not valid safetensors metadata'
-    if 8 + header_len + end != size:
-        return f'{size} bytes where its header promises {8 + header_len + end}'
-    return None
-
-
-def _check_zip(path: Path) -> Optional[str]:
-    """What is wrong with a zip-format torch.save file (all since torch 1.6), or None."""
-    with path.open('rb') as f:
-        is_zip = f.read(4) == b'PK\x03\x04'
-    if not is_zip:
-        return None  # legacy pickle format, checked by torch.load
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        return f'its zip archive is incomplete ({e})'
-    return f'its member {bad} fails the CRC check' if bad else None
-
-
-def check_checkpoint_file(path: PathLike, what: str = '', remedy: str = '') -> Path:
-    """Fail with the file's name if it is missing, empty, truncated or corrupt.
-
-    Cheap (headers and checksums), so that a bad download or copy is reported as such instead of as an obscure
-    deserialization error deep inside timm, torch or safetensors.
-
-    Args:
-        path: Checkpoint file, .safetensors or a torch.save file (.pth, .pth.tar, .bin).
-        what: What the file is, for the message, e.g. "the cached download of Hub repo 'org/name'".
-        remedy: What to do about a corrupt file, instead of copying or exporting it again.
-    """
-    path = Path(path)
-    what = f"Checkpoint file '{path}'" + (f' ({what})' if what else '')
-    if not path.is_file():
-        raise CheckpointError(f'{what} does not exist.')
-    size = path.stat().st_size
-    if size == 0:
-        problem = 'it is empty'
-    elif path.suffix == '.safetensors':
-        problem = _check_safetensors(path, size)
-    else:
-        problem = _check_zip(path)
-    if problem:
-        remedy = remedy or 'Copy or download it again, or export it again from the training checkpoint.'
-        raise CheckpointError(f'{what} is truncated or corrupt: {problem}. {remedy}')
-    return path
-
-
-def load_checkpoint_file(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a checkpoint file (EMA weights first, as timm does), naming the file if it cannot be read."""
-    path = check_checkpoint_file(path)
-    try:
-        return load_state_dict(str(path))
-    except (RuntimeError, EOFError, ValueError, OSError, safetensors.SafetensorError) as e:
-        raise CheckpointError(
-            f"Checkpoint file '{path}' could not be read: it is truncated, corrupt or not a PyTorch or "
-            f"safetensors checkpoint ({e}).") from e
 
 
 def _weights_repo(model_name: str, overlay: Optional[Dict[str, Any]]) -> Tuple[str, Optional[str]]:
@@ -209,6 +131,42 @@ def _explain_hub_error(error: Exception, arch: str, repo: str) -> Optional[Check
     return None
 
 
+def _saved_input(
+        checkpoint: Dict[str, Any],
+        model_name: str,
+        file: Optional[PathLike] = None,
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """The checkpoint's weights in our layout, and the num_classes, in_chans and img_size they were trained with.
+
+    Read from the classifier, the first conv, and the input size the checkpoint records or its tables tell
+    (`checkpoint.saved_img_size`); img_size is left out where neither says.
+    """
+    metadata = checkpoint_metadata(checkpoint) or checkpoint_metadata(file)
+    state_dict = unwrap_checkpoint(checkpoint)
+    if is_reference_layout(state_dict):
+        state_dict = convert_reference(state_dict)
+    model = timm.create_model(model_name, device='meta')
+    classifier = state_dict.get(f"{model.pretrained_cfg['classifier']}.weight")
+    first_conv = state_dict.get(f"{model.pretrained_cfg['first_conv']}.weight")
+    saved = dict(num_classes=classifier.shape[0] if isinstance(classifier, torch.Tensor) else 0)
+    if isinstance(first_conv, torch.Tensor) and first_conv.ndim == 4:
+        saved['in_chans'] = first_conv.shape[1]
+    img_size = saved_img_size(state_dict, model, metadata.get('img_size'))
+    if img_size is not None:
+        saved['img_size'] = img_size
+    return state_dict, saved
+
+
+def _input_overlay(model_name: str, state_dict: Dict[str, torch.Tensor], saved: Dict[str, Any]) -> Dict[str, Any]:
+    """Pretrained cfg entries that make timm load a state dict as trained: its classes, channels and size."""
+    input_size = get_pretrained_cfg(model_name).input_size
+    return dict(
+        state_dict=state_dict,
+        num_classes=saved['num_classes'],
+        input_size=(saved.get('in_chans', input_size[0]), *saved.get('img_size', input_size[-2:])),
+    )
+
+
 def create_model(
         model_name: str,
         pretrained: bool = False,
@@ -216,6 +174,9 @@ def create_model(
         **kwargs: Any,
 ) -> nn.Module:
     """`timm.create_model` for CabViT models, with errors that name the file or Hub repo at fault and the way out.
+
+    With a checkpoint file, the model takes the class count, input channels and input size of the checkpoint unless
+    given: its classifier is kept where the class count fits, and replaced with a warning where it does not.
 
     Args:
         model_name: A CabViT model, with or without pretrained tag ('cabvit_h_l1', 'cabvit_h_l1.in1k'), or
@@ -225,8 +186,13 @@ def create_model(
         **kwargs: Passed to `timm.create_model` (num_classes, in_chans, img_size, pretrained_cfg_overlay, ...).
     """
     if checkpoint is not None:
+        arch, _ = _resolve_name(model_name)
         path = check_checkpoint_file(checkpoint)
-        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=str(path))
+        state_dict, saved = _saved_input(load_checkpoint_file(path), arch, file=path)
+        overlay = _input_overlay(model_name, state_dict, saved)
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=str(path), **overlay)
+        for key, value in saved.items():
+            kwargs.setdefault(key, value)
         pretrained = True
     arch, repo = _weights_repo(model_name, kwargs.get('pretrained_cfg_overlay'))
     try:
@@ -254,43 +220,6 @@ def parse_metrics(items: Iterable[str]) -> Dict[str, Union[float, str]]:
     return metrics
 
 
-def _saved_input(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, Any]:
-    """num_classes, in_chans and img_size the weights were trained with.
-
-    Read from the classifier, the first conv and the first position bias table, whose grid must be square (pass
-    img_size for weights trained on other shapes).
-    """
-    cfg = model.pretrained_cfg
-    classifier = state_dict.get(f"{cfg['classifier']}.weight")
-    first_conv = state_dict.get(f"{cfg['first_conv']}.weight")
-    saved = dict(num_classes=classifier.shape[0] if classifier is not None else 0)
-    if first_conv is not None:
-        saved['in_chans'] = first_conv.shape[1]
-    for name, module in model.named_modules():
-        if isinstance(module, GridPosBias):
-            table, grid = state_dict.get(f'{name}.attention_biases'), module.grid_size
-        elif isinstance(module, RelPosBias):
-            table, grid = state_dict.get(f'{name}.relative_position_bias_table'), module.window_size
-        else:
-            continue
-        if table is None:
-            break  # reported by the fit check of checkpoint_filter_fn
-        if isinstance(module, GridPosBias):
-            side = math.isqrt(table.shape[-1])
-            square = side * side == table.shape[-1]
-        else:
-            num_offsets = max(table.shape[0] - 3, 0)  # (2H - 1) (2W - 1) offsets and 3 class-token entries
-            side = (math.isqrt(num_offsets) + 1) // 2
-            square = num_offsets > 0 and (2 * side - 1) ** 2 == num_offsets
-        if not square:
-            raise CheckpointError(
-                f"Cannot tell the input size of the checkpoint from '{name}'; pass img_size (--img-size).")
-        stride = model.img_size[0] // grid[0]
-        saved['img_size'] = (side * stride, side * stride)
-        break
-    return saved
-
-
 def export_checkpoint(
         checkpoint: Union[PathLike, Dict[str, Any]],
         model_name: str,
@@ -310,7 +239,8 @@ def export_checkpoint(
         model_name: CabViT model, optionally with the pretrained tag whose metadata to use ('cabvit_h_l1.in1k').
         out_dir: Folder to write (created if needed).
         metrics: Evaluation results for the model card, e.g. {'top1': 80.3, 'top5': 95.0}.
-        img_size: Input size the weights were trained at, when not a square one readable from the bias tables.
+        img_size: Input size the weights were trained at, where the checkpoint does not record it (a timm train.py
+            checkpoint or an export does) and it is not a square one readable from the bias tables.
         repo_id: Hub repo the folder is meant for, used in the card's usage example (default: the cfg's hf_hub_id).
         model_card: Entries overriding those of the generated card (timm's `generate_readme` format).
 
@@ -318,17 +248,16 @@ def export_checkpoint(
         The output folder.
     """
     arch, tag = _resolve_name(model_name)
-    state_dict = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    state_dict = _unwrap_checkpoint(state_dict)
-    if any(k.startswith(('patch_embed.seq.', 'layer_', 'norm_head.')) for k in state_dict):
-        state_dict = _convert_reference(state_dict)
-    saved = _saved_input(state_dict, timm.create_model(model_name, device='meta'))
+    is_file = isinstance(checkpoint, (str, os.PathLike))
+    state_dict, saved = _saved_input(
+        load_checkpoint_file(checkpoint) if is_file else checkpoint, arch, file=checkpoint if is_file else None)
     if img_size is not None:
         saved['img_size'] = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    in_chans = saved.get('in_chans', 3)
-    overlay = dict(state_dict=state_dict, num_classes=saved['num_classes'])
-    if 'img_size' in saved:
-        overlay['input_size'] = (in_chans, *saved['img_size'])
+    if 'img_size' not in saved:
+        raise CheckpointError(
+            'Cannot tell the input size the checkpoint was trained at: it records none and its bias tables fit no '
+            'square size. Pass it: img_size (--img-size HxW).')
+    overlay = _input_overlay(model_name, state_dict, saved)
     model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **saved).eval()
 
     out_dir = Path(out_dir)
@@ -451,8 +380,31 @@ def push(
             create_pr=create_pr,
             commit_message=commit_message,
         )
-    except HfHubHTTPError as e:
-        raise CheckpointError(
-            f"Uploading '{folder}' to Hugging Face Hub repo '{repo_id}' failed ({e}). Log in with "
-            f"`hf auth login` (or set HF_TOKEN) with a token that may write to '{repo_id.split('/')[0]}'.") from e
+    except _CONNECTION_ERRORS as e:
+        raise _explain_push_error(e, folder, repo_id) from e
     return commit.pr_url or commit.commit_url
+
+
+# huggingface_hub raises its HfHubHTTPError for an HTTP error status; for a failed connection, the errors of the HTTP
+# library it uses: requests' are OSErrors, httpx's derive from the HTTPError that HfHubHTTPError extends.
+_CONNECTION_ERRORS = (HfHubHTTPError, OSError, *HfHubHTTPError.__bases__)
+
+
+def _explain_push_error(error: Exception, folder: Path, repo_id: str) -> CheckpointError:
+    """A CheckpointError naming the repo, what went wrong with the upload and what to do, in one line."""
+    what = f"Uploading '{folder}' to Hugging Face Hub repo '{repo_id}' failed"
+    login = (f"log in with `hf auth login` (or set HF_TOKEN, or pass a token) with a token that may write to "
+             f"'{repo_id.split('/')[0]}'")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OfflineModeIsEnabled) or constants.HF_HUB_OFFLINE:
+        return CheckpointError(f'{what}: HF_HUB_OFFLINE is set. Unset it, with network access, to push.')
+    if isinstance(error, LocalTokenNotFoundError):
+        return CheckpointError(f'{what}: no Hub token. To push, {login}.')
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(error.response, 'status_code', None)
+        if status in (401, 403):
+            return CheckpointError(f'{what}: the Hub refused the token ({reason}). To push, {login}.')
+        return CheckpointError(f'{what} ({reason}). If the repo is not yours, {login}.')
+    return CheckpointError(
+        f'{what}: could not reach {constants.ENDPOINT} ({reason}). Check the network connection (and HF_ENDPOINT, '
+        f'or a proxy), then push again.')

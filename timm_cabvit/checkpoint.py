@@ -1,0 +1,456 @@
+""" Checkpoints of CabViT models: reading files, other layouts, tables saved for other input sizes, and the fit check
+
+Everything `checkpoint_filter_fn` (in `cabvit.py`) and the Hub code need to turn a checkpoint into the state dict
+of a given model, or to say precisely why it cannot be one:
+
+- reading a file (`load_checkpoint_file`), with errors that name it when it is missing, truncated or not a
+  checkpoint at all, and the input size it was trained at where the file records it (`checkpoint_metadata`);
+- unwrapping timm train.py checkpoints (EMA weights first, DDP / torch.compile prefixes) and converting the authors'
+  reference layout (`unwrap_checkpoint`, `convert_reference`);
+- resampling the position biases, depth biases and digest scales saved for another token grid (`resample_tables`),
+  by grid shape: the grids come from the input size the checkpoint was trained at (`saved_img_size`);
+- the fit check (`check_fits`): all keys and shapes, finite floating point values, never a partial load.
+
+A model takes part through two attributes: `pretrained_cfg` (timm's) and `table_grids(img_size)`, the grid each
+of its tables is laid out on, keyed by state-dict name. This module imports no model code.
+"""
+import argparse
+import json
+import math
+import os
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resize_rel_pos_bias_table
+
+__all__ = [
+    'CheckpointError', 'check_checkpoint_file', 'check_fits', 'checkpoint_metadata', 'convert_reference',
+    'is_reference_layout', 'load_checkpoint_file', 'resample_tables', 'resize_token_grid', 'saved_img_size',
+    'unwrap_checkpoint',
+]
+
+PathLike = Union[str, os.PathLike]
+Grid = Tuple[int, int]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or Hub repo that cannot be used; the message names it and says what to do."""
+
+
+def resize_token_grid(table: torch.Tensor, old_size: Grid, new_size: Grid) -> torch.Tensor:
+    """Resample a table whose last dim is a row-major token grid, e.g. a (heads, H * W) bias.
+
+    LeViT-style position biases, digest scales and depth biases are all laid out this way, so one bicubic
+    resampling (as timm's `resize_rel_pos_bias_table_levit`, but for non-square grids too) serves them all.
+    """
+    old_size, new_size = tuple(old_size), tuple(new_size)
+    if old_size == new_size:
+        return table
+    lead = table.shape[:-1]
+    grid = table.float().reshape(-1, 1, *old_size)
+    grid = F.interpolate(grid, size=new_size, mode='bicubic', align_corners=False)
+    return grid.reshape(*lead, new_size[0] * new_size[1]).to(table.dtype)
+
+
+# Files
+
+def _check_safetensors(path: Path, size: int) -> Optional[str]:
+    """What is wrong with a safetensors file, from its header and length (no tensor is read), or None."""
+    with path.open('rb') as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f'{size} bytes, shorter than a safetensors header'
+        header_len = int.from_bytes(head, 'little')
+        if header_len > size - 8:
+            return f'its header claims {header_len} bytes but the file has {size}'
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return 'its header is not valid safetensors metadata'
+    if 8 + header_len + end != size:
+        return f'{size} bytes where its header promises {8 + header_len + end}'
+    return None
+
+
+def _check_torch_file(path: Path) -> Optional[str]:
+    """What is wrong with a torch.save file: a zip archive (torch >= 1.6) or a legacy pickle, or None."""
+    with path.open('rb') as f:
+        magic = f.read(4)
+    if magic[:2] == b'\x80\x02':  # legacy torch.save: pickle protocol 2, checked by torch.load
+        return None
+    if magic != b'PK\x03\x04':
+        return 'not a PyTorch or safetensors checkpoint'
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f'its zip archive is incomplete ({e})'
+    return f'its member {bad} fails the CRC check' if bad else None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By name or by content: an 8-byte header length followed by a JSON object."""
+    if path.suffix == '.safetensors':
+        return True
+    with path.open('rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < path.stat().st_size
+
+
+def check_checkpoint_file(path: PathLike, what: str = '', remedy: str = '') -> Path:
+    """Fail with the file's name if it is missing, empty, truncated, corrupt or not a checkpoint at all.
+
+    Cheap (headers and checksums), so that a bad download or copy is reported as such instead of as an obscure
+    deserialization error deep inside timm, torch or safetensors.
+
+    Args:
+        path: Checkpoint file, .safetensors or a torch.save file (.pth, .pth.tar, .bin).
+        what: What the file is, for the message, e.g. "the cached download of Hub repo 'org/name'".
+        remedy: What to do about a corrupt file, instead of copying or exporting it again.
+    """
+    path = Path(path)
+    what = f"Checkpoint file '{path}'" + (f' ({what})' if what else '')
+    if path.is_dir():
+        raise CheckpointError(f'{what} is a directory; give the weights file in it (e.g. model.safetensors).')
+    if not path.is_file():
+        raise CheckpointError(f'{what} does not exist.')
+    size = path.stat().st_size
+    if size == 0:
+        problem = 'it is empty'
+    elif _is_safetensors(path):
+        problem = _check_safetensors(path, size)
+    else:
+        problem = _check_torch_file(path)
+    if problem == 'not a PyTorch or safetensors checkpoint':
+        raise CheckpointError(f'{what} is {problem}: give a .safetensors file or one written by torch.save.')
+    if problem:
+        remedy = remedy or 'Copy or download it again, or export it again from the training checkpoint.'
+        raise CheckpointError(f'{what} is truncated or corrupt: {problem}. {remedy}')
+    return path
+
+
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    """torch.load without executing code; timm train.py checkpoints keep their argparse args."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+
+
+def load_checkpoint_file(path: PathLike) -> Dict[str, Any]:
+    """The whole checkpoint in a file (a state dict, or a train.py checkpoint with its args), naming the file if it
+    cannot be read."""
+    path = check_checkpoint_file(path)
+    try:
+        if _is_safetensors(path):
+            return safetensors.torch.load_file(path)
+        return _torch_load(path)
+    except (RuntimeError, EOFError, ValueError, OSError, safetensors.SafetensorError) as e:
+        reason = str(e).split('\n', 1)[0]
+        raise CheckpointError(
+            f"Checkpoint file '{path}' could not be read: it is truncated, corrupt or holds objects other than "
+            f"tensors ({reason}).") from e
+
+
+def checkpoint_metadata(checkpoint: Union[PathLike, Dict[str, Any], None]) -> Dict[str, Any]:
+    """What a checkpoint records of its model: 'img_size' (H, W) and 'architecture', where it records them.
+
+    Read from a timm train.py checkpoint's args, the `img_size` entry of a safetensors header, or the config.json
+    that `timm-cabvit export` (timm's `save_for_hf`) writes beside the weights. Cheap: a file is memory-mapped, and
+    only its header or args are read.
+    """
+    if checkpoint is None:
+        return {}
+    if not isinstance(checkpoint, dict):
+        path = Path(checkpoint)
+        if not path.is_file():
+            return {}
+        config = path.parent / 'config.json'
+        if config.is_file():
+            try:
+                cfg = json.loads(config.read_text(encoding='utf-8'))
+                input_size = cfg['pretrained_cfg']['input_size']
+                return {'img_size': (int(input_size[-2]), int(input_size[-1])), 'architecture': cfg['architecture']}
+            except (ValueError, KeyError, TypeError):
+                pass
+        if _is_safetensors(path):
+            with safetensors.safe_open(path, 'pt') as f:
+                text = (f.metadata() or {}).get('img_size', '')
+            parts = text.split('x')
+            return {'img_size': (int(parts[0]), int(parts[-1]))} if all(p.isdigit() for p in parts) and text else {}
+        try:
+            checkpoint = _torch_load(path, mmap=True)
+        except (RuntimeError, EOFError, ValueError, OSError):
+            return {}
+        if not isinstance(checkpoint, dict):
+            return {}
+    args = checkpoint.get('args')
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    meta = {'architecture': args['model']} if isinstance(args.get('model'), str) else {}
+    input_size, img_size = args.get('input_size'), args.get('img_size')
+    if input_size:
+        meta['img_size'] = tuple(int(s) for s in input_size[-2:])
+    elif img_size:
+        meta['img_size'] = (int(img_size), int(img_size)) if isinstance(img_size, int) else tuple(img_size)
+    return meta
+
+
+# Layouts
+
+def unwrap_checkpoint(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The model weights of a checkpoint (EMA first, as timm), without the DDP and torch.compile key prefixes."""
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    out = {}
+    for k, v in checkpoint.items():
+        while k.startswith(('module.', '_orig_mod.')):
+            k = k.split('.', 1)[1]
+        out[k] = v
+    return out
+
+
+def is_reference_layout(state_dict: Dict[str, Any]) -> bool:
+    """Keys of the authors' reference implementation (its stem, stages and head are named differently)."""
+    return any(k.startswith(('patch_embed.seq.', 'layer_', 'norm_head.')) for k in state_dict)
+
+
+# Block members of the reference implementation and ours: ConvNeXt blocks (stages 1-2), then CabViT blocks.
+_REFERENCE_BLOCK_KEYS = {
+    'dwconv': 'conv_dw', 'pwconv1': 'mlp.fc1', 'pwconv2': 'mlp.fc2',
+    'gamma_1': 'ls1.gamma', 'gamma_2': 'ls2.gamma',
+    'attention_biases': 'attn.pos_bias.attention_biases',
+    's_token_bias': 'attn.depth_bias.bias', 's_scale_factors': 'digest_calib.scale', 's_norm': 'digest_calib.norm',
+    'qkv': 'attn.qkv', 'proj': 'attn.proj',
+    'dw_conv': 'tme.merge', 'local_conv.c': 'tme.enhance.conv', 'local_conv.bn': 'tme.enhance.bn',
+    'mlp.norm': 'mlp.pre_norm',
+}
+
+
+def convert_reference(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename the reference implementation's keys to ours and lay out its digest tables as ours.
+
+    Its downsample layers belong to the stage before them (ours to the stage after). Its block j keeps the depth
+    biases (1, heads, 1, j * S) and digest scales (1, j * S, 1) of the digests in key order, oldest block first;
+    ours are (heads, j, S) indexed by relative depth, previous block first, and (j, S) oldest first.
+    Unknown keys keep their names, so that the fit check reports them.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        parts = k.split('.')
+        if k.startswith('patch_embed.seq.') and len(parts) == 5 and parts[2].isdigit():
+            k = f'stem.{int(parts[2]) // 2}.{"conv" if parts[3] == "c" else parts[3]}.{parts[4]}'
+        elif k.startswith('norm_head.'):
+            k = 'head.norm.' + k[len('norm_head.'):]
+        elif k in ('head.weight', 'head.bias'):
+            k = 'head.fc.' + parts[1]
+        elif parts[0].startswith('layer_') and parts[0][len('layer_'):].isdigit() and len(parts) > 3:
+            stage = int(parts[0][len('layer_'):])
+            if parts[1] == 'downsample' and len(parts) == 5:
+                k = f'stages.{stage + 1}.downsample.{parts[2]}.{"conv" if parts[3] == "c" else parts[3]}.{parts[4]}'
+            elif parts[1] == 'blocks' and parts[2].isdigit():
+                k, v = _convert_reference_block(f'stages.{stage}.blocks.{parts[2]}.', int(parts[2]), parts[3:], v)
+        out[k] = v
+    return out
+
+
+def _convert_reference_block(
+        prefix: str, block_idx: int, member: List[str], value: torch.Tensor) -> Tuple[str, torch.Tensor]:
+    """One key of a reference block: the longest known member name is renamed, digest tables laid out as ours."""
+    for n in range(len(member), 0, -1):
+        name = '.'.join(member[:n])
+        if name in _REFERENCE_BLOCK_KEYS:
+            member = _REFERENCE_BLOCK_KEYS[name].split('.') + member[n:]
+            break
+    key = prefix + '.'.join(member)
+    if block_idx and key.endswith('attn.depth_bias.bias') and value.ndim == 4 and value.shape[-1] % block_idx == 0:
+        value = value.reshape(value.shape[1], block_idx, -1).flip(1)
+    elif block_idx and key.endswith('digest_calib.scale') and value.ndim == 3 and value.shape[1] % block_idx == 0:
+        value = value.reshape(block_idx, -1)
+    return key, value
+
+
+# Tables saved for other token grids
+
+def _is_rel_pos_table(key: str) -> bool:
+    """timm's RelPosBias table, (2H - 1) (2W - 1) + 3 offsets with class-token entries, not a row-major grid."""
+    return key.endswith('relative_position_bias_table')
+
+
+def _fits_grids(state_dict: Dict[str, torch.Tensor], grids: Dict[str, Grid]) -> bool:
+    """Whether every table of the checkpoint has as many entries as its grid under `grids`."""
+    for key, (h, w) in grids.items():
+        value = state_dict.get(key)
+        if not isinstance(value, torch.Tensor) or value.ndim == 0:
+            continue
+        entries = value.shape[0] if _is_rel_pos_table(key) else value.shape[-1]
+        if entries != ((2 * h - 1) * (2 * w - 1) + 3 if _is_rel_pos_table(key) else h * w):
+            return False
+    return True
+
+
+def _square_img_size(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Optional[Grid]:
+    """The square input size whose grid the model's first table would have, if its entry count is a square."""
+    grids = model.table_grids()
+    key = next((k for k in grids if isinstance(state_dict.get(k), torch.Tensor)), None)
+    if key is None:
+        return None
+    value = state_dict[key]
+    if _is_rel_pos_table(key):
+        side = (math.isqrt(max(value.shape[0] - 3, 0)) + 1) // 2
+    else:
+        side = math.isqrt(value.shape[-1])
+    stride = model.img_size[0] / grids[key][0]
+    return (round(side * stride),) * 2 if side else None
+
+
+def saved_img_size(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        img_size: Optional[Grid] = None,
+) -> Optional[Grid]:
+    """The input size a checkpoint was trained at, for the model's grid function to lay its tables out on.
+
+    That size is `img_size` (the checkpoint's own record of it) where every table fits it, else the input size of
+    the model's pretrained cfg, else a square size read from the tables. A table's entry count alone cannot tell
+    a 16x12 grid from a 12x16 one: when nothing records the size and the tables fit the model's own non-square
+    grids, they are taken as they are, with a warning. None if no size fits every table (the fit check reports).
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    candidates = [img_size, tuple(cfg['input_size'][-2:]) if cfg.get('input_size') else None,
+                  _square_img_size(state_dict, model)]
+    for candidate in candidates:
+        if candidate is not None and _fits_grids(state_dict, model.table_grids(candidate)):
+            return tuple(candidate)
+    if not _fits_grids(state_dict, model.table_grids()):
+        return None
+    height, width = model.img_size
+    if height != width:
+        warnings.warn(
+            f'The checkpoint does not record the input size it was trained at, and its bias tables fit this '
+            f'model\'s {height}x{width} grids but also others with as many tokens (e.g. {width}x{height}): loaded '
+            f'as {height}x{width}. If it was trained at another size, pass it: '
+            f'pretrained_cfg_overlay=dict(input_size=(3, H, W), ...).', stacklevel=3)
+    return model.img_size
+
+
+def resample_tables(
+        state_dict: Dict[str, torch.Tensor],
+        source_grids: Dict[str, Grid],
+        target_grids: Dict[str, Grid],
+        target: Dict[str, torch.Tensor],
+) -> Dict[str, torch.Tensor]:
+    """The state dict with every table resampled from its saved grid to the model's (bicubic, by grid shape)."""
+    out = dict(state_dict)
+    for key, new_grid in target_grids.items():
+        value, old_grid = out.get(key), source_grids.get(key)
+        if not isinstance(value, torch.Tensor) or old_grid is None or tuple(old_grid) == tuple(new_grid):
+            continue
+        if _is_rel_pos_table(key):
+            out[key] = resize_rel_pos_bias_table(value, new_window_size=new_grid, new_bias_shape=target[key].shape)
+        else:
+            out[key] = resize_token_grid(value, old_grid, new_grid)
+    return out
+
+
+# The fit check
+
+def checkpoint_source(cfg: Dict[str, Any]) -> str:
+    """Where timm's load_pretrained takes the weights from, in its order, for error messages."""
+    if cfg.get('source') == 'hf-hub' and cfg.get('hf_hub_id'):
+        return f"Hugging Face Hub repo '{cfg['hf_hub_id']}'"
+    if cfg.get('file'):  # also where a loader read the file itself and passes its state dict
+        return f"file '{cfg['file']}'"
+    if cfg.get('state_dict') is not None:
+        return 'the state dict given as pretrained_cfg state_dict'
+    if cfg.get('hf_hub_id'):
+        return f"Hugging Face Hub repo '{cfg['hf_hub_id']}'"
+    return f"url '{cfg['url']}'" if cfg.get('url') else 'the given state dict'
+
+
+def _names(cfg: Dict[str, Any], field: str) -> Tuple[str, ...]:
+    names = cfg.get(field) or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _listing(title: str, items: List[str], limit: int = 12) -> str:
+    more = f'\n    ... and {len(items) - limit} more' if len(items) > limit else ''
+    return f'\n  {title} ({len(items)}):\n    ' + '\n    '.join(items[:limit]) + more if items else ''
+
+
+def _check_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module, cfg: Dict[str, Any]) -> None:
+    """Warn where timm's load_pretrained is about to drop the checkpoint's classifier, and say how to keep it."""
+    for name in _names(cfg, 'classifier'):
+        weight = state_dict.get(f'{name}.weight')
+        num_classes = getattr(model, 'num_classes', 0)
+        if not isinstance(weight, torch.Tensor) or not num_classes or num_classes == cfg.get('num_classes'):
+            continue
+        if weight.shape[0] == num_classes:
+            warnings.warn(
+                f"The checkpoint's classifier '{name}' has {num_classes} classes, as the model, but timm drops it "
+                f"because the pretrained cfg says num_classes={cfg.get('num_classes')}: pass "
+                f"pretrained_cfg_overlay=dict(num_classes={num_classes}, ...) to keep it (timm_cabvit.hub."
+                f"create_model(..., checkpoint=FILE) does).", stacklevel=3)
+        else:
+            warnings.warn(
+                f"The checkpoint's classifier '{name}' ({weight.shape[0]} classes) is not loaded: the model has "
+                f"{num_classes} classes, so its classifier starts from random weights (fine-tuning).", stacklevel=3)
+
+
+def check_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict, after checking it loads completely (classifier and first conv aside) with finite floats.
+
+    Raises a ValueError listing missing, unexpected and mismatched keys with their shapes, non-finite values and
+    integer tensors where the model has floating point ones. The classifier and first conv may differ: timm's
+    load_pretrained drops or adapts them for another num_classes or in_chans.
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    target = model.state_dict()
+    out = dict(state_dict)
+    for k, v in target.items():
+        if k.endswith('.num_batches_tracked') and k not in out:
+            out[k] = v  # a counter, not a weight: older BatchNorm checkpoints lack it
+    lenient = {f'{c}.{p}' for c in _names(cfg, 'classifier') for p in ('weight', 'bias')}
+    first_convs = {f'{c}.weight' for c in _names(cfg, 'first_conv')}
+
+    def fits(k: str, v: torch.Tensor) -> bool:
+        shape, want = tuple(v.shape), tuple(target[k].shape)
+        if shape == want or k in lenient:
+            return True
+        # another in_chans, adapted by timm's load_pretrained
+        return k in first_convs and len(shape) == 4 and shape[:1] + shape[2:] == want[:1] + want[2:]
+
+    missing = [k for k in target if k not in out and k not in lenient]
+    unexpected = [k for k in out if k not in target and k not in lenient]
+    mismatched = [
+        f'{k}: checkpoint {tuple(getattr(v, "shape", ()))}, model {tuple(target[k].shape)}'
+        for k, v in out.items() if k in target and not (isinstance(v, torch.Tensor) and fits(k, v))]
+    not_float = [
+        f'{k}: {v.dtype}' for k, v in out.items()
+        if k in target and isinstance(v, torch.Tensor) and target[k].is_floating_point() and not v.is_floating_point()]
+    not_finite = [
+        k for k, v in out.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != 'meta' and not v.isfinite().all()]
+    if missing or unexpected or mismatched or not_float or not_finite:
+        model_desc = (
+            f"{cfg.get('architecture') or type(model).__name__} (img_size {tuple(getattr(model, 'img_size', ()))}, "
+            f"in_chans {getattr(model, 'in_chans', '?')}, num_classes {getattr(model, 'num_classes', '?')})")
+        raise ValueError(
+            f'The checkpoint from {checkpoint_source(cfg)} does not fit {model_desc}: loading it would leave '
+            f'weights missing, unused or wrong.'
+            + _listing('missing from the checkpoint', missing)
+            + _listing('not in the model', unexpected)
+            + _listing('other shape', mismatched)
+            + _listing('integer where the model has floating point (a quantized or corrupt checkpoint?)', not_float)
+            + _listing('NaN or infinite values (a diverged or corrupt checkpoint)', not_finite)
+            + '\nCreate the model the checkpoint was trained as (its architecture and model_args), or pick the '
+              'checkpoint of this model.')
+    _check_classifier(out, model, cfg)
+    return out
