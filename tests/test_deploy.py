@@ -5,6 +5,7 @@ The two larger models' torch.export round trips and training steps, and the torc
 (6-30 s each on two shared cores), are marked slow.
 """
 import functools
+import sys
 
 import numpy as np
 import onnx
@@ -17,7 +18,14 @@ from timm.layers import LayerScale
 from timm.models.convnext import ConvNeXtBlock
 from timm.utils import reparameterize_model
 
-from timm_cabvit.deploy import export_onnx, export_program, export_torchscript
+from timm_cabvit.deploy import (
+    calibrate_batchnorm,
+    export_onnx,
+    export_program,
+    export_torchscript,
+    onnx_opset_range,
+    require_onnx,
+)
 
 IMG_SIZE = 96  # 6x6 tokens in stage 3 and 2x2 digests per block: every bias table has more than one entry
 SLOW_MODELS = ('cabvit_h_l2', 'cabvit_h_l3')
@@ -127,8 +135,14 @@ def test_onnx_static_batch_unfused_and_argument_checks(tmp_path):
     assert report['batch_sizes'] == (2,) and report['max_abs_diff'] < 1e-4
     assert not report['reparameterized'] and report['params'] == report['params_before']
     assert onnx.load(tmp_path / 'static.onnx').graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    assert report['max_rel_diff'] == report['max_abs_diff'] / report['max_abs_output']
     with pytest.raises(ValueError, match='opset'):
         export_onnx('cabvit_h_l1', tmp_path / 'old.onnx', img_size=64, opset=13)
+    lowest, highest = onnx_opset_range()
+    assert lowest == 17 and highest >= 18
+    with pytest.raises(ValueError, match=f'at most {highest}'):  # before exporting anything
+        export_onnx('cabvit_h_l1', tmp_path / 'new.onnx', img_size=64, opset=highest + 1)
+    assert not (tmp_path / 'new.onnx').exists()
     with pytest.raises(ValueError, match='built for'):
         export_onnx(_model('cabvit_h_l1'), tmp_path / 'other.onnx', img_size=128)
 
@@ -145,6 +159,38 @@ def test_onnx_export_by_name_with_checkpoint(tmp_path):
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(session.run(None, {'input': x.numpy()})[0] - ref).max() < 1e-4
+
+
+def test_calibrated_batchnorm_gives_a_random_model_outputs_to_compare():
+    """At the initial BatchNorm statistics every eval-mode TME shrinks the activations: the outputs of a random
+    CabViT-H model vanish, and an export check would compare zeros. Calibrated on random images, they do not."""
+    model = timm.create_model('cabvit_h_l1', img_size=64).eval()
+    x = _images(2, 64)
+    with torch.no_grad():
+        assert model(x).abs().max() < 1e-10
+        assert calibrate_batchnorm(model, 2, batch_size=4) is model and not model.training
+        assert model(x).abs().max() > 0.1
+        calibrated = {k: v.clone() for k, v in model.state_dict().items() if 'running' in k}
+        momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        # given batches instead of a count: the same statistics from the same images
+        torch.manual_seed(0)
+        batches = [_images(4, 64) for _ in range(2)]
+        calibrate_batchnorm(model, batches)
+        again = {k: v.clone() for k, v in model.state_dict().items() if 'running' in k}
+        calibrate_batchnorm(model, iter(batches))
+        calibrate_batchnorm(model, 0)  # no batch: nothing to average, the statistics stay
+    assert momenta == {0.1}  # each BatchNorm's momentum is restored
+    assert all(torch.allclose(v, model.state_dict()[k]) for k, v in again.items())
+    assert any(not torch.allclose(v, calibrated[k]) for k, v in again.items())
+
+
+def test_onnx_missing_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)
+    with pytest.raises(ImportError, match=r'onnxruntime is not installed: pip install "timm-cabvit\[onnx\]"'):
+        require_onnx()
+    with pytest.raises(ImportError, match='onnxruntime is not installed'):  # before exporting anything
+        export_onnx('cabvit_h_l1', tmp_path / 'm.onnx', img_size=64)
+    assert not (tmp_path / 'm.onnx').exists()
 
 
 @pytest.mark.parametrize('model_name', _params(ALL_MODELS))

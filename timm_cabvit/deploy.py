@@ -15,21 +15,32 @@ equally fast in ONNX Runtime, but the torch.export-based one (`dynamo=True`, tor
 The TorchScript-based exporter is deprecated (a DeprecationWarning, silenced here), and so are `torch.jit.script`,
 `save` and `load` (FutureWarnings, left visible): both still work with torch 2.14 and are kept because timm's
 users and tools expect them.
+
+Every check compares the export with PyTorch on random images and reports the largest absolute difference, the
+largest output and their ratio. In eval mode a freshly initialised CabViT-H model's outputs nearly vanish (~1e-20:
+each TME enhance conv shrinks activations at the BatchNorms' initial statistics), so a check of a random model
+compares zeros: `calibrate_batchnorm` first gives it the activation scale of a trained one.
 """
 import copy
 import io
+import itertools
 import os
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
 from timm.utils import reparameterize_model
 
+from .cabvit import batchnorm_momentum
 from .hub import create_model
 
-__all__ = ['export_onnx', 'export_program', 'export_torchscript', 'prepare_model', 'model_input_size']
+__all__ = [
+    'ExportCheckError', 'calibrate_batchnorm', 'export_onnx', 'export_program', 'export_torchscript',
+    'model_input_size', 'onnx_opset_range', 'prepare_model', 'require_onnx',
+]
 
 ModelOrName = Union[nn.Module, str]
 ImgSize = Union[int, Tuple[int, int]]
@@ -40,12 +51,80 @@ DEFAULT_OPSET = 18  # the lowest the torch.export-based exporter writes; the Tor
 ATOL = 1e-4
 
 
+class ExportCheckError(RuntimeError):
+    """An export whose outputs differ from PyTorch's by more than the tolerance."""
+
+
 def model_input_size(model: nn.Module) -> Tuple[int, int]:
     """The (H, W) a model was built for: `img_size` of CabViT models, the pretrained cfg's for other timm models."""
     img_size = getattr(model, 'img_size', None)
     if img_size is None:
         img_size = model.pretrained_cfg['input_size'][-2:]
     return to_2tuple(img_size)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(
+        model: nn.Module,
+        batches: Union[int, Iterable[torch.Tensor]] = 4,
+        img_size: Optional[ImgSize] = None,
+        batch_size: int = 8,
+) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics as the plain average over some batches; the model in eval.
+
+    Freshly initialised, the CabViT-H models shrink their activations ~16-fold in every eval-mode TME enhance conv
+    (unit running variance behind a depthwise conv of std 0.02 weights, no residual), to ~1e-20 at the output of
+    cabvit_h_l3: nothing like a trained model, and a comparison of two runs of it (an export check) would compare
+    near-zero outputs. Calibrated on random images, a random model's activations have the scale of a trained one's.
+    After training ("precise BN"), the same on training batches gives statistics of the final weights.
+
+    Args:
+        model: Any model; one without BatchNorm is only put in eval mode.
+        batches: Input batches (on any device: moved to the model's; run under the caller's autocast, if any), or
+            the number of batches of random images. No batch at all leaves the statistics as they are.
+        img_size: Size of the random images; None for the model's own (`model_input_size`).
+        batch_size: Images per random batch.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if isinstance(batches, int):
+        size = model_input_size(model) if img_size is None else to_2tuple(img_size)
+        batches = (_example_input(model, batch_size, size) for _ in range(batches))
+    batches = iter(batches)
+    first = next(batches, None) if norms else None
+    if first is not None:
+        param = next(model.parameters())
+        for norm in norms:
+            norm.reset_running_stats()
+        model.train()
+        with batchnorm_momentum(model, None):  # a cumulative average over the batches
+            for x in itertools.chain([first], batches):
+                model(x.to(device=param.device, dtype=param.dtype))
+    return model.eval()
+
+
+def onnx_opset_range(dynamo: bool = False) -> Tuple[int, int]:
+    """The ONNX opsets the installed torch's exporter writes for these models: (lowest, highest)."""
+    from torch.onnx import _constants
+
+    if dynamo:
+        return DEFAULT_OPSET, getattr(_constants, 'ONNX_MAX_OPSET', DEFAULT_OPSET)
+    highest = getattr(_constants, 'ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET', getattr(_constants, 'ONNX_MAX_OPSET', 20))
+    return MIN_OPSET, highest
+
+
+def require_onnx(dynamo: bool = False) -> Tuple[Any, Any]:
+    """onnx and onnxruntime (for the check), or an ImportError naming the extra that installs them."""
+    names = ('onnx', 'onnxruntime', 'onnxscript') if dynamo else ('onnx', 'onnxruntime')
+    modules = []
+    for name in names:
+        try:
+            modules.append(__import__(name))
+        except ImportError as e:
+            install = 'pip install onnxscript' if name == 'onnxscript' else 'pip install "timm-cabvit[onnx]"'
+            raise ImportError(
+                f'ONNX export{" with dynamo=True" if dynamo else ""} and its check need {", ".join(names)}, but '
+                f'{name} is not installed: {install}', name=name) from e
+    return modules[0], modules[1]
 
 
 def prepare_model(
@@ -123,25 +202,61 @@ def _check_batch_sizes(batch_size: int, dynamic_batch: bool) -> Tuple[int, ...]:
     return (batch_size, batch_size + 2) if dynamic_batch else (batch_size,)
 
 
-def _max_abs_diff(
+def _check(
         model: nn.Module,
         run: Callable[[torch.Tensor], torch.Tensor],
         batch_sizes: Sequence[int],
         img_size: Tuple[int, int],
-) -> float:
-    """Largest absolute difference between the model's outputs and `run`'s on random images of each batch size."""
-    diff = 0.
+        atol: float,
+        what: str,
+) -> Dict[str, Any]:
+    """Compare `run` with the model on random images of each batch size; raise if they differ by `atol` or more.
+
+    Returns max_abs_diff, max_abs_output (the largest PyTorch output, for scale), max_rel_diff (their ratio) and
+    the batch_sizes compared.
+    """
+    diff, scale = 0., 0.
     with torch.no_grad():
         for batch_size in batch_sizes:
             x = _example_input(model, batch_size, img_size)
-            out = torch.as_tensor(run(x)).to(x.device)
-            diff = max(diff, (out.float() - model(x).float()).abs().max().item())
-    return diff
-
-
-def _raise_if_over(diff: float, atol: float, what: str) -> None:
+            ref = model(x).float()
+            out = torch.as_tensor(run(x)).to(x.device).float()
+            diff = max(diff, (out - ref).abs().max().item())
+            scale = max(scale, ref.abs().max().item())
     if not diff < atol:
-        raise RuntimeError(f'{what} differs from PyTorch by up to {diff:.3g}, more than the tolerance {atol:g}')
+        raise ExportCheckError(f'{what} differs from PyTorch by up to {diff:.3g}, more than the tolerance {atol:g}')
+    return dict(max_abs_diff=diff, max_abs_output=scale, max_rel_diff=diff / scale if scale else float('inf'),
+                batch_sizes=tuple(batch_sizes))
+
+
+def _save_load_check(
+        model: nn.Module,
+        exported: Any,
+        save: Callable[[Any, Any], None],
+        load: Callable[[Any], Any],
+        path: Optional[PathLike],
+        check: bool,
+        atol: float,
+        what: str,
+        report: Dict[str, Any],
+        run: Callable[[Any], Callable[[torch.Tensor], torch.Tensor]] = lambda loaded: loaded,
+) -> Tuple[Any, Dict[str, Any]]:
+    """Save an export (to `path`, else to memory), load it back and check the loaded one against the model.
+
+    Returns the loaded export and the report with its path and, when checked, the comparison (`_check`) at
+    batch 1 and, for a dynamic batch, 3.
+    """
+    file = io.BytesIO() if path is None else os.fspath(path)
+    save(exported, file)
+    if path is None:
+        file.seek(0)
+    loaded = load(file)
+    if path is not None:
+        report['path'] = os.fspath(path)
+    if check:
+        batch_sizes = _check_batch_sizes(1, report['dynamic_batch'])
+        report.update(_check(model, run(loaded), batch_sizes, report['img_size'], atol, what))
+    return loaded, report
 
 
 def _report(
@@ -190,15 +305,21 @@ def export_onnx(
 
     Returns:
         What was exported (path, img_size, opset, exporter, dynamic_batch, reparameterized, params_before and
-        params) and, when checked, max_abs_diff and the batch_sizes it was measured at.
+        params) and, when checked, max_abs_diff, max_abs_output (the largest PyTorch output), max_rel_diff (their
+        ratio) and the batch_sizes compared. A model at its initial weights has near-zero outputs in eval mode,
+        which makes the check say little: calibrate its BatchNorms first (`calibrate_batchnorm`).
     """
-    min_opset = DEFAULT_OPSET if dynamo else MIN_OPSET
-    if opset < min_opset:
-        raise ValueError(f'opset must be {min_opset} or newer for this exporter, got {opset}')
+    lowest, highest = onnx_opset_range(dynamo)
+    if not lowest <= opset <= highest:
+        raise ValueError(
+            f'opset must be {lowest} or newer for this exporter, and at most {highest} (the newest torch '
+            f'{torch.__version__.split("+")[0]} writes), got {opset}')
+    onnx, onnxruntime = require_onnx(dynamo) if check or dynamo else (None, None)
     model, params_before, img_size = _prepare(
         model_or_name, img_size, reparameterize, checkpoint, device=torch.device('cpu'), dtype=torch.float32)
     x = _example_input(model, _trace_batch_size(batch_size, dynamic_batch), img_size)
     path = os.fspath(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     export_args = dict(input_names=['input'], output_names=['output'], opset_version=opset, dynamo=dynamo)
     if dynamo:
         dynamic_shapes = ({0: torch.export.Dim('batch')},) if dynamic_batch else None
@@ -216,16 +337,12 @@ def export_onnx(
     report = {'path': path, 'opset': opset, 'exporter': 'dynamo' if dynamo else 'torchscript',
               **_report(model, img_size, params_before, reparameterize, dynamic_batch)}
     if check:
-        import onnx
-        import onnxruntime
-
         onnx.checker.check_model(path, full_check=True)
         session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
         input_name = session.get_inputs()[0].name
-        batch_sizes = _check_batch_sizes(batch_size, dynamic_batch)
-        diff = _max_abs_diff(model, lambda t: session.run(None, {input_name: t.numpy()})[0], batch_sizes, img_size)
-        _raise_if_over(diff, atol, f'The ONNX graph {path}')
-        report.update(max_abs_diff=diff, batch_sizes=batch_sizes)
+        report.update(_check(
+            model, lambda t: session.run(None, {input_name: t.numpy()})[0],
+            _check_batch_sizes(batch_size, dynamic_batch), img_size, atol, f'The ONNX graph {path}'))
     return report
 
 
@@ -257,27 +374,16 @@ def export_program(
 
     Returns:
         The loaded program ('program'), img_size, dynamic_batch, reparameterized, params_before, params and,
-        when checked, max_abs_diff and the batch_sizes it was measured at.
+        when checked, max_abs_diff, max_abs_output, max_rel_diff and the batch_sizes compared.
     """
     model, params_before, img_size = _prepare(model_or_name, img_size, reparameterize, checkpoint)
     x = _example_input(model, _trace_batch_size(1, dynamic_batch), img_size)
     dynamic_shapes = ({0: torch.export.Dim('batch')},) if dynamic_batch else None
-    program = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
-    file = io.BytesIO() if path is None else os.fspath(path)
-    torch.export.save(program, file)
-    if path is None:
-        file.seek(0)
-    program = torch.export.load(file)
-
-    report = {'program': program, **_report(model, img_size, params_before, reparameterize, dynamic_batch)}
-    if path is not None:
-        report['path'] = os.fspath(path)
-    if check:
-        batch_sizes = _check_batch_sizes(1, dynamic_batch)
-        diff = _max_abs_diff(model, program.module(), batch_sizes, img_size)
-        _raise_if_over(diff, atol, 'The exported program')
-        report.update(max_abs_diff=diff, batch_sizes=batch_sizes)
-    return report
+    program, report = _save_load_check(
+        model, torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes), torch.export.save,
+        torch.export.load, path, check, atol, 'The exported program',
+        _report(model, img_size, params_before, reparameterize, dynamic_batch), run=lambda p: p.module())
+    return {'program': program, **report}
 
 
 def export_torchscript(
@@ -305,21 +411,12 @@ def export_torchscript(
 
     Returns:
         The loaded module ('module'), img_size, reparameterized, params_before, params and, when checked,
-        max_abs_diff and the batch_sizes it was measured at.
+        max_abs_diff, max_abs_output, max_rel_diff and the batch_sizes compared.
     """
     model, params_before, img_size = _prepare(model_or_name, img_size, reparameterize, checkpoint)
-    file = io.BytesIO() if path is None else os.fspath(path)
-    torch.jit.save(torch.jit.script(model), file)
-    if path is None:
-        file.seek(0)
-    module = torch.jit.load(file, map_location=next(model.parameters()).device)
-
-    report = {'module': module, **_report(model, img_size, params_before, reparameterize, dynamic_batch=True)}
-    if path is not None:
-        report['path'] = os.fspath(path)
-    if check:
-        batch_sizes = _check_batch_sizes(1, dynamic_batch=True)
-        diff = _max_abs_diff(model, module, batch_sizes, img_size)
-        _raise_if_over(diff, atol, 'The TorchScript module')
-        report.update(max_abs_diff=diff, batch_sizes=batch_sizes)
-    return report
+    device = next(model.parameters()).device
+    module, report = _save_load_check(
+        model, torch.jit.script(model), torch.jit.save, lambda f: torch.jit.load(f, map_location=device),
+        path, check, atol, 'The TorchScript module',
+        _report(model, img_size, params_before, reparameterize, dynamic_batch=True))
+    return {'module': module, **report}
