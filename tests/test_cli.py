@@ -1,10 +1,27 @@
-"""The `timm-cabvit` command."""
+"""The `timm-cabvit` command: its output, its exit codes, one-line errors and a light `--help`."""
+import importlib.metadata
+import os
 import shutil
 import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
-from timm_cabvit.cli import main
+from timm_cabvit_cli import main
+
+HEAVY_MODULES = ('torch', 'timm', 'tqdm', 'matplotlib', 'numpy', 'timm_cabvit')
+COMMANDS = ([], ['flops'], ['ablation'], ['attention'], ['recipe'], ['export'], ['export-onnx'], ['push'])
+
+
+def _run(argv):
+    """main's exit code, argparse's SystemExit included."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def test_table_has_our_and_the_papers_figures(capsys):
@@ -12,8 +29,22 @@ def test_table_has_our_and_the_papers_figures(capsys):
     out = capsys.readouterr().out.splitlines()
     h_l1 = next(line for line in out if line.startswith('cabvit_h_l1'))
     assert '6,187,560' in h_l1 and '1.385' in h_l1 and '6.2 M' in h_l1 and '80.3' in h_l1
-    assert float(h_l1.split('|')[-1]) > 0  # measured images/s
+    assert float(h_l1.split('|')[-1].split()[0]) > 0  # measured images/s
     assert '74.3' in next(line for line in out if line.startswith('cabvit_p_l0'))
+
+
+def test_table_reports_the_spread_and_a_loaded_machine(capsys, monkeypatch):
+    monkeypatch.setattr(os, 'getloadavg', lambda: (64., 64., 64.))
+    assert main(['--models', 'cabvit_p_l0', '--img-size', '64', '--batch-size', '1', '--iters', '3',
+                 '--warmup', '1']) == 0
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert 'median of 3 timed passes after 1 warm-up' in out[0]
+    median, spread = next(line for line in out if line.startswith('cabvit_p_l0')).split('|')[-1].split()
+    slowest, fastest = map(float, spread.split('-'))
+    assert 0 < slowest <= float(median) <= fastest
+    assert out[-1].startswith('note: the machine was loaded (load average 64.0 before and 64.0 after')
+    assert 'measuring' in captured.err  # progress
 
 
 def test_bad_arguments_say_what_was_expected(capsys):
@@ -31,14 +62,49 @@ def test_console_script_is_installed():
     assert '--img-size' in result.stdout and '--device' in result.stdout
 
 
+def test_help_imports_neither_torch_nor_timm():
+    """`--help` of every command from the standard library alone: it answers in a fraction of a second."""
+    code = (
+        'import sys\n'
+        'from timm_cabvit_cli import main\n'
+        f'for command in {COMMANDS!r}:\n'
+        '    try:\n'
+        "        main([*command, '--help'])\n"
+        '    except SystemExit as e:\n'
+        '        assert e.code == 0, command\n'
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_MODULES!r}), file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert result.stderr.strip() == '[]', f'imported for --help: {result.stderr}'
+    assert result.stdout.count('usage: timm-cabvit') == len(COMMANDS)
+
+
+def test_console_script_help_is_light():
+    (entry,) = importlib.metadata.entry_points(group='console_scripts', name='timm-cabvit')
+    if entry.value != 'timm_cabvit_cli:main':
+        pytest.xfail(f"the console script is {entry.value}: setup.cfg should name timm_cabvit_cli:main, so that its "
+                     f"--help imports no torch")
+    result = subprocess.run([sys.executable, '-X', 'importtime', shutil.which('timm-cabvit'), '--help'],
+                            capture_output=True, text=True, check=True)
+    imported = {line.split('|')[-1].strip().split('.')[0] for line in result.stderr.splitlines() if '|' in line}
+    assert not imported & set(HEAVY_MODULES)
+
+
+def test_help_texts(capsys):
+    assert _run(['ablation', '--help']) == 0
+    out = capsys.readouterr().out
+    assert 'about 13 % extra compute' in out and '%%' not in out
+    assert _run(['export-onnx', '--help']) == 0
+    assert 'timm-cabvit[onnx]' in capsys.readouterr().out
+
+
 def test_export_writes_a_folder_timm_loads(tmp_path, capsys):
     import timm
-    import torch
     model = timm.create_model('cabvit_h_l1', num_classes=5).eval()
     torch.save({'state_dict': model.state_dict(), 'epoch': 3}, tmp_path / 'checkpoint.pth.tar')
     out = tmp_path / 'export'
     assert main(['export', str(tmp_path / 'checkpoint.pth.tar'), '--model', 'cabvit_h_l1.in1k', '--out', str(out),
                  '--metric', 'top1=50.5']) == 0
+    assert capsys.readouterr().out.strip() == str(out)
     assert '50.5' in (out / 'README.md').read_text()
     loaded = timm.create_model('cabvit_h_l1', pretrained=True, num_classes=5,
                                pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors'), num_classes=5)).eval()
@@ -57,18 +123,164 @@ def test_subcommands_reject_unknown_models(command, capsys):
     assert 'unknown model(s) cabvit_h_l9' in capsys.readouterr().err
 
 
-def test_attention_command_writes_a_png(tmp_path):
+def test_attention_command_writes_a_png(tmp_path, capsys):
     from PIL import Image
     Image.new('RGB', (64, 48), (10, 120, 200)).save(tmp_path / 'image.png')
-    out = tmp_path / 'attention.png'
+    out = tmp_path / 'new' / 'folder' / 'attention.png'  # folders the user obviously wants are created
     assert main(['attention', str(tmp_path / 'image.png'), '--model', 'cabvit_h_l1', '--img-size', '64',
                  '--blocks', 'stages.2.blocks.1', '--out', str(out)]) == 0
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert 'no --checkpoint, so the weights are random and the maps are near uniform' in captured.err
 
 
 def test_export_onnx_command(tmp_path, capsys):
-    out = tmp_path / 'model.onnx'
+    out = tmp_path / 'onnx' / 'model.onnx'
     assert main(['export-onnx', 'cabvit_h_l1', str(out), '--img-size', '64']) == 0
-    assert out.stat().st_size > 1_000_000 and 'max abs difference' in capsys.readouterr().out
-    assert main(['export-onnx', 'cabvit_h_l1', str(out), '--opset', '13']) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert out.stat().st_size > 1_000_000 and lines[0].startswith(f'{out}: opset 18, input (batch, 3, 64, 64)')
+    # a calibrated random model: outputs of order 1, not the ~1e-20 of the initial BatchNorm statistics
+    assert 'max abs difference' in lines[1] and 'BatchNorm statistics calibrated' in lines[1]
+    assert float(lines[1].rsplit('(', 1)[1].rstrip(')')) > 0.1
+    assert main(['export-onnx', 'cabvit_h_l1', str(out), '--opset', '13']) == 2
     assert 'opset must be 17 or newer' in capsys.readouterr().err
+
+
+def test_export_onnx_without_onnx_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'onnx', None)
+    assert main(['export-onnx', 'cabvit_h_l1', str(tmp_path / 'model.onnx'), '--img-size', '64']) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'onnx is not installed: pip install "timm-cabvit[onnx]"' in err
+    assert not (tmp_path / 'model.onnx').exists()
+
+
+# Errors: one line on stderr that names the problem, no traceback, exit code 2 for the command line, 1 for a failure
+
+class _RefusingHub(BaseHTTPRequestHandler):
+    """A Hub that refuses every token."""
+
+    def do_POST(self):
+        self.send_response(401)
+        self.send_header('X-Error-Message', 'Invalid credentials in Authorization header')
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope='module')
+def refusing_hub():
+    server = ThreadingHTTPServer(('127.0.0.1', 0), _RefusingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    """A text file, random bytes and a truncated checkpoint given as checkpoints, an image, an export folder."""
+    import safetensors.torch
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp('files')
+    (root / 'notes.txt').write_text('not a checkpoint\n')
+    (root / 'random.pth').write_bytes(bytes(range(256)) * 8)
+    torch.save({'weight': torch.randn(64, 64)}, root / 'full.pth')
+    (root / 'truncated.pth').write_bytes((root / 'full.pth').read_bytes()[:4000])
+    Image.new('RGB', (40, 40)).save(root / 'image.png')
+    (root / 'folder').mkdir()
+    (root / 'export').mkdir()
+    (root / 'export' / 'config.json').write_text('{"architecture": "cabvit_h_l1"}')
+    safetensors.torch.save_file({'w': torch.zeros(2)}, root / 'export' / 'model.safetensors')
+    return root
+
+
+ERROR_CASES = {
+    # checkpoints that are no checkpoints: 1
+    'attention, text checkpoint': (1, 'attention IMAGE --model cabvit_h_l1 --checkpoint T/notes.txt',
+                                   'not a PyTorch or safetensors checkpoint'),
+    'attention, truncated checkpoint': (1, 'attention IMAGE --model cabvit_h_l1 --checkpoint T/truncated.pth',
+                                        'truncated or corrupt'),
+    'attention, missing image': (1, 'attention T/missing.png --model cabvit_h_l1', 'is not a file'),
+    'export, random bytes': (1, 'export T/random.pth --model cabvit_h_l1 --out T/out',
+                             'not a PyTorch or safetensors checkpoint'),
+    'export, truncated checkpoint': (1, 'export T/truncated.pth --model cabvit_h_l1 --out T/out',
+                                     'truncated or corrupt'),
+    'export, missing checkpoint': (1, 'export T/missing.pth --model cabvit_h_l1 --out T/out', 'does not exist'),
+    'export-onnx, text checkpoint': (1, 'export-onnx cabvit_h_l1 T/m.onnx --checkpoint T/notes.txt',
+                                     'not a PyTorch or safetensors checkpoint'),
+    'export-onnx, truncated checkpoint': (1, 'export-onnx cabvit_h_l1 T/m.onnx --checkpoint T/truncated.pth',
+                                          'truncated or corrupt'),
+    # output paths that cannot be written: 2
+    'attention --out in /proc': (2, 'attention IMAGE --model cabvit_h_l1 --out /proc/x.png',
+                                 'files cannot be created in /proc'),
+    'attention --out under a file': (2, 'attention IMAGE --model cabvit_h_l1 --out T/notes.txt/x.png',
+                                     'notes.txt is a file, not a folder'),
+    'attention --out a folder': (2, 'attention IMAGE --model cabvit_h_l1 --out T/folder', 'is a folder; give a file'),
+    'flops --plot in /proc': (2, 'flops cabvit_h_l1 --plot /proc/x.png', 'files cannot be created in /proc'),
+    'flops --plot under a file': (2, 'flops cabvit_h_l1 --plot T/notes.txt/sub/x.png',
+                                  'notes.txt is a file, not a folder'),
+    'export-onnx into /proc': (2, 'export-onnx cabvit_h_l1 /proc/m.onnx', 'files cannot be created in /proc'),
+    'export-onnx under a file': (2, 'export-onnx cabvit_h_l1 T/notes.txt/m.onnx', 'is a file, not a folder'),
+    'export-onnx to a folder': (2, 'export-onnx cabvit_h_l1 T/folder', 'is a folder; give a file'),
+    'export --out a file': (2, 'export T/full.pth --model cabvit_h_l1 --out T/notes.txt', 'is a file; give a folder'),
+    'export --out under a file': (2, 'export T/full.pth --model cabvit_h_l1 --out T/notes.txt/out',
+                                  'is a file, not a folder'),
+    'export --out in /proc': (2, 'export T/full.pth --model cabvit_h_l1 --out /proc/out',
+                              'files cannot be created in /proc'),
+    # sizes the models cannot be built for, rejected before building them: 2
+    'table --img-size 16': (2, '--img-size 16', 'needs images of at least 32x32'),
+    'flops --img-size 10000': (2, 'flops --img-size 10000', 'tokens at stride 16'),
+    'ablation --img-size 16': (2, 'ablation --img-size 16', 'needs images of at least 32x32'),
+    'attention --img-size 10000': (2, 'attention IMAGE --model cabvit_h_l1 --img-size 10000', 'tokens at stride 16'),
+    'export-onnx --img-size 16': (2, 'export-onnx cabvit_h_l2 T/m.onnx --img-size 16', 'at least 32x32'),
+    'export --img-size 16': (2, 'export T/full.pth --model cabvit_h_l1 --out T/out --img-size 16', 'at least 32x32'),
+    # other option values: 2
+    '--warmup -1': (2, '--warmup -1', "argument --warmup: expected an integer of at least 0, got '-1'"),
+    '--iters -1': (2, '--iters -1', "argument --iters: expected a positive integer, got '-1'"),
+    '--iters 0': (2, '--iters 0', "argument --iters: expected a positive integer, got '0'"),
+    '--batch-size 0': (2, '--batch-size 0', 'argument --batch-size: expected a positive integer'),
+    '--device foo': (2, '--models cabvit_p_l0 --device foo', '--device foo: not a device'),
+    '--device meta': (2, '--models cabvit_p_l0 --device meta', 'no speed to measure'),
+    '--opset 99': (2, 'export-onnx cabvit_h_l1 T/m.onnx --opset 99', 'at most'),
+    'unknown recipe': (2, 'recipe cabvit_h_l9', "no training recipe for 'cabvit_h_l9'"),
+    'unknown tag': (2, 'export T/full.pth --model cabvit_h_l1.foo --out T/out', "unknown pretrained tag 'foo'"),
+    'bad --metric': (2, 'export T/full.pth --model cabvit_h_l1 --out T/out --metric top1', 'A metric is NAME=VALUE'),
+    # uploads that fail: 1
+    'push offline': (1, 'push T/export --repo-id me/m', 'HF_HUB_OFFLINE is set'),
+    'push, no connection': (1, 'push T/export --repo-id me/m', 'could not reach http://127.0.0.1:9'),
+    'push, bad token': (1, 'push T/export --repo-id me/m --token hf_bad', 'the Hub refused the token'),
+    'push, not an export': (1, 'push T/folder --repo-id me/m', 'has no config.json'),
+}
+
+
+@pytest.mark.parametrize('case', list(ERROR_CASES))
+def test_errors_are_one_line(case, files, refusing_hub, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    expected_code, command, message = ERROR_CASES[case]
+    if case == 'push offline':
+        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    elif case.startswith('push'):
+        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+        monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9' if 'connection' in case else refusing_hub)
+        monkeypatch.delenv('HF_TOKEN', raising=False)
+    argv = [arg.replace('T/', f'{files}/').replace('IMAGE', str(files / 'image.png')) for arg in command.split()]
+    code = _run(argv)
+    out, err = capsys.readouterr()
+    assert code == expected_code, err
+    assert err.count('\n') == 1 and err.startswith('timm-cabvit') and message in err, err
+    assert 'Traceback' not in out + err
+    assert not (files / 'out').exists() and not (files / 'm.onnx').exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='CUDA is available here')
+def test_cuda_without_cuda_is_a_usage_error(capsys):
+    assert main(['--models', 'cabvit_p_l0', '--device', 'cuda']) == 2
+    assert capsys.readouterr().err == (
+        f'timm-cabvit: --device cuda: no CUDA device is available here (torch {torch.__version__}); use cpu\n')

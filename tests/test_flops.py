@@ -5,9 +5,9 @@ import math
 import pytest
 import timm
 
-from timm_cabvit.accounting import flops_report
-from timm_cabvit.cli import main
 from timm_cabvit.flops import COMPONENTS, count_flops, flops_by_component
+from timm_cabvit.reports import flops_report
+from timm_cabvit_cli import main
 
 
 def _digest_parameters(dim: int, heads: int, depth: int, grid: tuple) -> int:
@@ -49,7 +49,9 @@ def test_digest_scales_add_parameters_but_no_flops():
 def test_flops_command_json_and_plot(tmp_path, capsys):
     plot = tmp_path / 'flops.png'
     assert main(['flops', 'cabvit_h_l1', '--img-size', '160', '--json', '--plot', str(plot)]) == 0
-    (report,) = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    (report,) = json.loads(captured.out)
+    assert 'counting FLOPs' in captured.err and f'wrote {plot} (GFLOPs by component)' in captured.err
     assert report['img_size'] == [160, 160] and set(report['with_cross_block']['components']) == {*COMPONENTS, 'other'}
     assert report['with_cross_block']['flops'] > report['without_cross_block']['flops']
     assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and plot.stat().st_size > 10_000
@@ -64,7 +66,8 @@ def test_flops_table_reports_the_extra_cost():
 
 def test_ablation_ladder_ends_at_the_model_and_prints_the_papers_increments(capsys):
     assert main(['ablation', 'cabvit_h_l1']) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert 'counting FLOPs' in err and '4/4' in err  # progress, one step per model of the ladder
     last = next(line for line in out.splitlines() if line.startswith('+ TME enhance branch'))
     assert '6,187,560' in last and '1.385' in last
     assert '+3.4 %' in out and '13%' in out  # the paper's Table 4 step and Sec. 3.3 claim, printed beside ours

@@ -14,6 +14,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from .cabvit import CabViT, CabViTBlock, CabViTStage
+from .hub import create_model
 
 __all__ = ['attention_maps', 'cabvit_blocks', 'default_blocks', 'load_image', 'run_attention_command',
            'save_attention_figure']
@@ -174,22 +175,23 @@ def run_attention_command(
 ) -> Path:
     """`timm-cabvit attention`: draw the attention maps of a model for an image and return the PNG's path.
 
-    The checkpoint is loaded by timm (`pretrained_cfg_overlay=dict(file=...)`) through the model's checkpoint
-    filter, so our state dicts, train.py checkpoints and the reference layout all work. The model is built without
-    a classifier, which the maps do not need, so checkpoints of any number of classes load. Without a checkpoint
-    the weights are random, and the figure says so. `img_size` builds the model (and the image transform) for
-    another input size. Raises ValueError for a wrong model, block or checkpoint, OSError for an unreadable image.
+    The checkpoint is loaded by `timm_cabvit.hub.create_model` through the model's checkpoint filter, so our state
+    dicts, train.py checkpoints and the reference layout all work, at the input size the checkpoint records unless
+    `img_size` says another. The model is built without a classifier, which the maps do not need, so checkpoints
+    of any number of classes load. Without a checkpoint the weights are random, the maps near uniform, and the
+    figure says so. `img_size` builds the model (and the image transform) for another input size.
+
+    Raises ValueError for a wrong model or block, a missing checkpoint or one that does not fit the model,
+    `CheckpointError` for a file that is not a readable checkpoint, OSError for an unreadable image.
     """
     if not timm.is_model(model_name):
         raise ValueError(f"unknown model '{model_name}'; CabViT models: {', '.join(timm.list_models('cabvit*'))}")
     kwargs = {'num_classes': 0}
     if img_size is not None:
         kwargs['img_size'] = img_size
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise ValueError(f"checkpoint '{checkpoint}' is not a file")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
-    model = timm.create_model(model_name, **kwargs).eval()
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ValueError(f"checkpoint '{checkpoint}' is not a file")
+    model = create_model(model_name, checkpoint=checkpoint, **kwargs).eval()
     maps = attention_maps(model, load_image(image, model), blocks)
     weights = f'weights {Path(checkpoint).name}' if checkpoint is not None else 'random weights (no checkpoint)'
     return save_attention_figure(maps, out, title=f'{model_name}, {Path(image).name}, {weights}')
