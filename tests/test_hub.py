@@ -208,7 +208,7 @@ def to_reference(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
             ref = ref.replace('.mlp.fc1.', '.pwconv1.').replace('.mlp.fc2.', '.pwconv2.')
         module = model.get_submodule(k.rsplit('.', 1)[0])
         if k.endswith('depth_bias.bias'):
-            v = module.get_bias().detach().reshape(1, v.shape[0], 1, -1)  # the order the model adds it in
+            v = module.get_bias(module.digest_grid).detach().reshape(1, v.shape[0], 1, -1)  # key order, as added
         elif k.endswith('digest_calib.scale'):
             v = v.reshape(1, -1, 1)
         out[ref] = v.clone()

@@ -101,7 +101,7 @@ def test_block_is_the_specified_function(grid, block_idx, merge):
     x = torch.randn(2, grid[0] * grid[1], dim)
     digests = torch.randn(2, block_idx * num_digest, dim) if block_idx else None
     with torch.no_grad():
-        out, digest = block(x, digests)
+        out, digest = block(x, digests, grid)
         expected, expected_digest = _spec_block(block, x, digests, grid)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     if merge:

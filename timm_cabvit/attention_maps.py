@@ -82,8 +82,7 @@ def attention_maps(
 
     def capture(name: str):
         def hook(attn: nn.Module, args: Tuple[torch.Tensor, ...], kwargs: Dict[str, torch.Tensor]) -> None:
-            x, digests = args[0], args[1] if len(args) > 1 else kwargs.get('digests')
-            weights = attn.attention_weights(x, digests)[0].float()
+            weights = attn.attention_weights(*args, **kwargs)[0].float()
             maps[name] = (weights.mean(0) if average_heads else weights).cpu()
         return hook
 

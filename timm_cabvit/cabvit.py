@@ -34,6 +34,7 @@ from timm.layers import (
     PatchEmbed,
     RelPosBias,
     calculate_drop_path_rates,
+    gen_relative_position_index,
     get_device_dtype,
     ndgrid,
     trunc_normal_,
@@ -51,6 +52,7 @@ from .checkpoint import (
     convert_reference,
     is_reference_layout,
     resample_tables,
+    resize_rel_pos_table,
     resize_token_grid,
     saved_img_size,
     unwrap_checkpoint,
@@ -100,13 +102,21 @@ def set_tme_impl(impl: str, model: Optional[nn.Module] = None) -> None:
 
 def digest_grid_size(grid_size: Grid) -> Grid:
     """Grid of digest tokens left by one block: the 7x7 stride-4 merge conv (pad 3) gives ceil(H/4) x ceil(W/4)."""
-    return math.ceil(grid_size[0] / MERGE_STRIDE), math.ceil(grid_size[1] / MERGE_STRIDE)
+    return (grid_size[0] + 3) // 4, (grid_size[1] + 3) // 4  # MERGE_STRIDE, as a literal for TorchScript
 
 
 @torch.no_grad()
 def resized_parameter(param: nn.Parameter, old_size: Grid, new_size: Grid) -> nn.Parameter:
     """A grid-laid parameter resampled to another token grid, frozen if the original was (set_input_size)."""
     return nn.Parameter(resize_token_grid(param, old_size, new_size), requires_grad=param.requires_grad)
+
+
+def grid_offset_index(grid_size: Grid, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(N, N) index of each token pair's absolute offset (|dy|, |dx|) into a LeViT-style (heads, H * W) table."""
+    pos = torch.stack(ndgrid(
+        torch.arange(grid_size[0], device=device), torch.arange(grid_size[1], device=device))).flatten(1)
+    rel_pos = (pos[..., :, None] - pos[..., None, :]).abs()
+    return rel_pos[0] * grid_size[1] + rel_pos[1]
 
 
 def check_img_size(img_size: Any, stride: int, model_name: str) -> Grid:
@@ -129,16 +139,29 @@ def check_img_size(img_size: Any, stride: int, model_name: str) -> Grid:
 
 
 @torch.jit.unused
-def _check_dtype(x: torch.Tensor, dtype: torch.dtype) -> None:
-    """Images of the weights' dtype, or any floating point type under autocast, which casts them itself."""
+def _check_dtype_and_size(x: torch.Tensor, dtype: torch.dtype, min_size: int) -> None:
+    """Images of the weights' dtype (any floating point type under autocast, which casts them itself), and of a
+    size the model takes at all."""
     if x.dtype != dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
         raise ValueError(
             f'CabViT expects {dtype} images, as its weights, got {x.dtype}; convert them (x.to({dtype}), integer '
             f'images normalised as the model\'s pretrained_cfg mean and std say) or the model (model.to(dtype)).')
+    height, width = x.shape[2:]
+    if min(height, width) < min_size or math.ceil(height / 16) * math.ceil(width / 16) > MAX_TOKENS:
+        raise ValueError(
+            f'CabViT takes images from {min_size}x{min_size} up to {MAX_TOKENS:,} tokens at stride 16 (2048x2048), '
+            f'got {height}x{width}.')
 
 
 @register_notrace_function
-def check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def check_input(
+        x: torch.Tensor,
+        in_chans: int,
+        img_size: Tuple[int, int],
+        dtype: torch.dtype,
+        min_size: int,
+        dynamic_img_size: bool = False,
+) -> torch.Tensor:
     """Reject input the model and its bias tables were not built for, saying what was expected."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f'CabViT expects a torch.Tensor of images (B, {in_chans}, H, W), got {type(x).__name__}')
@@ -147,12 +170,13 @@ def check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], dtype
             f'CabViT expects images of shape (B, {in_chans}, H, W), got {list(x.shape)}; '
             f'create the model with another in_chans for images of other channel counts.')
     if not torch.jit.is_scripting():
-        _check_dtype(x, dtype)
-    if x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
+        _check_dtype_and_size(x, dtype, min_size)
+    height, width = x.shape[2], x.shape[3]
+    if not dynamic_img_size and (height != img_size[0] or width != img_size[1]):
         raise ValueError(
             f'CabViT was built for {img_size[0]}x{img_size[1]} images (its bias tables are sized for that grid), '
-            f'got {x.shape[2]}x{x.shape[3]}; create it with img_size=({x.shape[2]}, {x.shape[3]}) '
-            f'or call set_input_size().')
+            f'got {height}x{width}; create it with img_size=({height}, {width}) or dynamic_img_size=True, or call '
+            f'set_input_size().')
     return x
 
 
@@ -200,15 +224,8 @@ class GridPosBias(nn.Module):
         self._init_buffers()
 
     def _init_buffers(self) -> None:
-        device = self.attention_bias_idxs.device
-        if device.type == 'meta':
-            return
-        pos = torch.stack(ndgrid(
-            torch.arange(self.window_size[0], device=device),
-            torch.arange(self.window_size[1], device=device),
-        )).flatten(1)
-        rel_pos = (pos[..., :, None] - pos[..., None, :]).abs()
-        self.attention_bias_idxs.copy_(rel_pos[0] * self.window_size[1] + rel_pos[1])
+        if self.attention_bias_idxs.device.type != 'meta':
+            self.attention_bias_idxs.copy_(grid_offset_index(self.window_size, self.attention_bias_idxs.device))
 
     def init_non_persistent_buffers(self) -> None:
         self._init_buffers()
@@ -222,8 +239,56 @@ class GridPosBias(nn.Module):
         self.attention_bias_idxs = self.attention_bias_idxs.new_empty((num_tokens, num_tokens))
         self._init_buffers()
 
-    def get_bias(self) -> torch.Tensor:
-        return self.attention_biases[:, self.attention_bias_idxs]
+    def get_bias(self, grid_size: Grid) -> torch.Tensor:
+        """(heads, N, N) for tokens on `grid_size`; for another grid than the table's, from the resampled table."""
+        if grid_size == self.window_size:
+            return self.attention_biases[:, self.attention_bias_idxs]
+        return self._resampled_bias(grid_size)
+
+    @torch.jit.unused
+    def _resampled_bias(self, grid_size: Grid) -> torch.Tensor:
+        table = resize_token_grid(self.attention_biases, self.window_size, grid_size)
+        return table[:, grid_offset_index(grid_size, table.device)]
+
+
+class ClassTokenRelPosBias(RelPosBias):
+    """timm's RelPosBias with a class token (BEiT-style, CabViT-P's position bias), for any token grid.
+
+    Its table is resampled for another grid as by `set_window_size`, but for non-square windows too.
+    """
+
+    def __init__(self, window_size: Grid, num_heads: int, device=None, dtype=None):
+        super().__init__(tuple(window_size), num_heads, prefix_tokens=1, device=device, dtype=dtype)
+
+    def set_window_size(self, window_size: Grid) -> None:
+        window_size = tuple(window_size)
+        if window_size == self.window_size:
+            return
+        with torch.no_grad():
+            table = resize_rel_pos_table(self.relative_position_bias_table, self.window_size, window_size)
+        self.relative_position_bias_table = nn.Parameter(
+            table, requires_grad=self.relative_position_bias_table.requires_grad)
+        self.window_size = window_size
+        self.window_area = window_size[0] * window_size[1]
+        self.bias_shape = (self.window_area + 1, self.window_area + 1, table.shape[-1])
+        self.relative_position_index = self.relative_position_index.new_empty((self.window_area + 1) ** 2)
+        self._init_buffers()
+
+    def get_bias(self, grid_size: Grid) -> torch.Tensor:
+        """(heads, 1 + N, 1 + N) for a class token and tokens on `grid_size`."""
+        if grid_size == self.window_size:
+            bias = self.relative_position_bias_table[self.relative_position_index]
+            return bias.view(self.bias_shape).permute(2, 0, 1)
+        return self._resampled_bias(grid_size)
+
+    def forward(self, attn: torch.Tensor, grid_size: Grid) -> torch.Tensor:
+        return attn + self.get_bias(grid_size)
+
+    @torch.jit.unused
+    def _resampled_bias(self, grid_size: Grid) -> torch.Tensor:
+        table = resize_rel_pos_table(self.relative_position_bias_table, self.window_size, grid_size)
+        index = gen_relative_position_index(grid_size, class_token=True, device=table.device)
+        return table[index].permute(2, 0, 1)
 
 
 class RelativeDepthBias(nn.Module):
@@ -235,7 +300,7 @@ class RelativeDepthBias(nn.Module):
 
     def __init__(self, num_heads: int, depth: int, digest_grid: Grid, device=None, dtype=None):
         super().__init__()
-        self.digest_grid = digest_grid
+        self.digest_grid = tuple(digest_grid)
         num_digest = digest_grid[0] * digest_grid[1]
         self.bias = nn.Parameter(torch.zeros(num_heads, depth, num_digest, device=device, dtype=dtype))
 
@@ -244,10 +309,16 @@ class RelativeDepthBias(nn.Module):
 
     def set_grid_size(self, digest_grid: Grid) -> None:
         self.bias = resized_parameter(self.bias, self.digest_grid, digest_grid)
-        self.digest_grid = digest_grid
+        self.digest_grid = tuple(digest_grid)
 
-    def get_bias(self) -> torch.Tensor:
-        return self.bias.flip(1).flatten(1).unsqueeze(1)  # (heads, 1, depth * num_digest)
+    def get_bias(self, digest_grid: Grid) -> torch.Tensor:
+        """(heads, 1, depth * digests) in key order, for digests on `digest_grid`."""
+        bias = self.bias if digest_grid == self.digest_grid else self._resampled(digest_grid)
+        return bias.flip(1).flatten(1).unsqueeze(1)
+
+    @torch.jit.unused
+    def _resampled(self, digest_grid: Grid) -> torch.Tensor:
+        return resize_token_grid(self.bias, self.digest_grid, digest_grid)
 
 
 class DigestCalibration(nn.Module):
@@ -268,7 +339,7 @@ class DigestCalibration(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        self.digest_grid = digest_grid
+        self.digest_grid = tuple(digest_grid)
         num_digest = digest_grid[0] * digest_grid[1]
         self.scale = nn.Parameter(torch.ones(depth, num_digest, device=device, dtype=dtype)) if scale else None
         self.norm = norm_layer(dim, device=device, dtype=dtype)
@@ -280,12 +351,17 @@ class DigestCalibration(nn.Module):
     def set_grid_size(self, digest_grid: Grid) -> None:
         if self.scale is not None:
             self.scale = resized_parameter(self.scale, self.digest_grid, digest_grid)
-        self.digest_grid = digest_grid
+        self.digest_grid = tuple(digest_grid)
 
-    def forward(self, digests: torch.Tensor) -> torch.Tensor:
+    def forward(self, digests: torch.Tensor, digest_grid: Grid) -> torch.Tensor:
         if self.scale is not None:
-            digests = digests * self.scale.reshape(1, -1, 1)
+            scale = self.scale if digest_grid == self.digest_grid else self._resampled_scale(digest_grid)
+            digests = digests * scale.reshape(1, -1, 1)
         return self.norm(digests)
+
+    @torch.jit.unused
+    def _resampled_scale(self, digest_grid: Grid) -> torch.Tensor:
+        return resize_token_grid(self.scale, self.digest_grid, digest_grid)
 
 
 class CrossBlockAttention(nn.Module):
@@ -341,59 +417,61 @@ class CrossBlockAttention(nn.Module):
             self.depth_bias.set_grid_size(digest_grid_size(grid_size))
         self.attention_bias_cache = {}
 
-    def _attention_bias(self) -> torch.Tensor:
-        bias = self.pos_bias.get_bias()
-        bias = bias.view(-1, bias.shape[-2], bias.shape[-1])
+    def _attention_bias(self, grid_size: Grid) -> torch.Tensor:
+        """(1, heads, N, N + digests): 4-D, the mask layout that PyTorch's fused CPU attention kernel takes."""
+        bias = self.pos_bias.get_bias(grid_size)
         if self.depth_bias is not None:
-            bias = torch.cat([bias, self.depth_bias.get_bias().expand(-1, bias.shape[1], -1)], dim=-1)
-        return bias
+            depth_bias = self.depth_bias.get_bias(digest_grid_size(grid_size))
+            bias = torch.cat([bias, depth_bias.expand(-1, bias.shape[1], -1)], dim=-1)
+        return bias.unsqueeze(0)
 
-    def get_attention_bias(self, device: torch.device) -> torch.Tensor:
-        """Position and depth bias combined, (heads, N, N + digests).
+    def get_attention_bias(self, device: torch.device, grid_size: Grid) -> torch.Tensor:
+        """Position and depth bias combined, (1, heads, N, N + digests), for tokens on `grid_size`.
 
         Cached per device, as LeViT does, but only where no gradient is wanted (eval mode under no_grad or
-        inference_mode) and only while the tables are the ones it was built from: the cache is keyed on their
-        storage and version counters, which every in-place change (load_state_dict, copy_, an EMA update) bumps.
+        inference_mode) and only while grid and tables are the ones it was built from: the cache is keyed on the
+        grid and the tables' storage and version counters, which every in-place change (load_state_dict, copy_, an
+        EMA update) bumps. One grid per device is kept, so varying input sizes do not pile up biases.
         """
         if torch.jit.is_scripting() or torch.jit.is_tracing() or self.training or torch.is_grad_enabled():
-            return self._attention_bias()
-        return self._cached_attention_bias(device)
+            return self._attention_bias(grid_size)
+        return self._cached_attention_bias(device, grid_size)
 
     @torch.jit.unused
-    def _cached_attention_bias(self, device: torch.device) -> torch.Tensor:
+    def _cached_attention_bias(self, device: torch.device, grid_size: Grid) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return self._attention_bias()
+            return self._attention_bias(grid_size)
         tables = [*self.pos_bias.parameters(), *(self.depth_bias.parameters() if self.depth_bias is not None else ())]
-        key = [n for t in tables for n in (t.data_ptr(), t._version)]
+        key = [*grid_size, *(n for t in tables for n in (t.data_ptr(), t._version))]
         cached = self.attention_bias_cache.get(str(device))
         if cached is None or cached[0] != key:
-            cached = self.attention_bias_cache[str(device)] = (key, self._attention_bias())
+            cached = self.attention_bias_cache[str(device)] = (key, self._attention_bias(grid_size))
         return cached[1]
 
     def _qkv(
             self, x: torch.Tensor, digests: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries of the tokens; keys and values of the tokens followed by those of the digests."""
+        """Queries of the tokens; keys and values of the tokens followed by those of the digests.
+
+        One projection of tokens and digests together: one matmul, and no concatenation of keys and values.
+        """
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if digests is not None:
-            _, k_d, v_d = self.qkv(digests).reshape(
-                B, digests.shape[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            k = torch.cat([k, k_d], dim=2)
-            v = torch.cat([v, v_d], dim=2)
-        return q, k, v
+        tokens = x if digests is None else torch.cat([x, digests], dim=1)
+        qkv = self.qkv(tokens).reshape(B, tokens.shape[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return q[:, :, :N], k, v
 
     @torch.jit.ignore
-    def attention_weights(self, x: torch.Tensor, digests: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def attention_weights(self, x: torch.Tensor, digests: Optional[torch.Tensor], grid_size: Grid) -> torch.Tensor:
         """Softmax attention of each token over tokens and digests, (B, heads, N, N + digests), for inspection."""
         q, k, _ = self._qkv(x, digests)
-        bias = self.get_attention_bias(x.device).to(q.dtype)
+        bias = self.get_attention_bias(x.device, grid_size).to(q.dtype)
         return ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, digests: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, digests: Optional[torch.Tensor], grid_size: Grid) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self._qkv(x, digests)
-        bias = self.get_attention_bias(x.device).to(q.dtype)
+        bias = self.get_attention_bias(x.device, grid_size).to(q.dtype)
 
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
@@ -464,19 +542,23 @@ class TokenMergeEnhance(nn.Module):
         return impl == 'triton' or (x.is_cuda and HAS_TRITON)
 
     @torch.jit.unused
-    def _forward_triton(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _forward_triton(self, x: torch.Tensor, grid_size: Grid) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         from .tme_triton import token_merge_enhance  # on first use: importing it defines the Triton kernels
 
         return token_merge_enhance(
             x, self.enhance.conv.weight, self.merge.weight if self.merge is not None else None, self.enhance.bn,
-            self.grid_size, self.num_prefix_tokens)
+            grid_size, self.num_prefix_tokens)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+            self, x: torch.Tensor, grid_size: Optional[Grid] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Enhanced tokens and digests of tokens on `grid_size` (the module's own grid if None)."""
+        grid = self.grid_size if grid_size is None else grid_size
         if not torch.jit.is_scripting() and self._use_triton(x):
-            return self._forward_triton(x)
+            return self._forward_triton(x, grid)
         B, N, C = x.shape
         prefix, tokens = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
-        x_map = tokens.transpose(1, 2).reshape(B, C, self.grid_size[0], self.grid_size[1])
+        x_map = tokens.transpose(1, 2).reshape(B, C, grid[0], grid[1])
         digest = self.merge(x_map).flatten(2).transpose(1, 2) if self.merge is not None else None
         if self.enhance is None:
             return x, digest
@@ -534,7 +616,7 @@ class CabViTBlock(nn.Module):
         super().__init__()
         digest_grid = digest_grid_size(grid_size)
         if num_prefix_tokens:
-            pos_bias = RelPosBias(grid_size, num_heads, prefix_tokens=num_prefix_tokens, **dd)
+            pos_bias = ClassTokenRelPosBias(grid_size, num_heads, **dd)
         else:
             pos_bias = GridPosBias(num_heads, grid_size, **dd)
         if block_idx > 0 and cross_block:
@@ -576,14 +658,15 @@ class CabViTBlock(nn.Module):
         return grids
 
     def forward(
-            self, x: torch.Tensor, digests: Optional[torch.Tensor] = None,
+            self, x: torch.Tensor, digests: Optional[torch.Tensor], grid_size: Grid,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Tokens on `grid_size` and the digests of the earlier blocks: the tokens and this block's digests."""
         if self.digest_calib is not None and digests is not None:
-            digests = self.digest_calib(digests)
+            digests = self.digest_calib(digests, digest_grid_size(grid_size))
         else:
             digests = None
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), digests)))
-        x, digest = self.tme(x)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), digests, grid_size)))
+        x, digest = self.tme(x, grid_size)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, digest
 
@@ -643,16 +726,17 @@ class CabViTBlocks(nn.ModuleList):
         return blocks
 
     def _checkpoint_block(
-            self, block: nn.Module, x: torch.Tensor, digests: Optional[torch.Tensor],
+            self, block: nn.Module, x: torch.Tensor, digests: Optional[torch.Tensor], grid_size: Grid,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Activation checkpointing of a block, digests included; BatchNorm statistics updated once, not twice."""
         return checkpoint(
-            block, x, digests, use_reentrant=False,
+            block, x, digests, grid_size, use_reentrant=False,
             context_fn=lambda: (nullcontext(), batchnorm_momentum(block, 0.)))
 
     def forward(
             self,
             x: torch.Tensor,
+            grid_size: Grid,
             grad_checkpointing: bool = False,
             take_indices: Optional[List[int]] = None,
             stop_index: int = -1,
@@ -663,9 +747,9 @@ class CabViTBlocks(nn.ModuleList):
         for i, block in enumerate(self):
             if stop_index < 0 or i <= stop_index:  # no break: TorchScript unrolls loops over a ModuleList
                 if grad_checkpointing and not torch.jit.is_scripting():
-                    x, digest = self._checkpoint_block(block, x, digests)
+                    x, digest = self._checkpoint_block(block, x, digests, grid_size)
                 else:
-                    x, digest = block(x, digests)
+                    x, digest = block(x, digests, grid_size)
                 if digest is not None:
                     digests = digest if digests is None else torch.cat([digests, digest], dim=1)
                 if take_indices is not None and i in take_indices:
@@ -743,12 +827,14 @@ class CabViTStage(nn.Module):
             grid_size: Grid,
             drop_path: Sequence[float] = (),
             act_layer: Type[nn.Module] = nn.GELU,
+            dynamic_img_size: bool = False,
             device=None,
             dtype=None,
             **block_kwargs: Any,
     ):
         super().__init__()
         self.grad_checkpointing = False
+        self.dynamic_img_size = dynamic_img_size
         self.grid_size = grid_size
         self.downsample = Downsample(in_chs, out_chs, act_layer=act_layer, device=device, dtype=dtype)
         self.blocks = CabViTBlocks.build(
@@ -765,7 +851,8 @@ class CabViTStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         B, C, H, W = x.shape
-        x, _ = self.blocks(x.flatten(2).transpose(1, 2), self.grad_checkpointing)
+        grid_size = (H, W) if self.dynamic_img_size else self.grid_size  # static unless dynamic: FX traces it
+        x, _ = self.blocks(x.flatten(2).transpose(1, 2), grid_size, self.grad_checkpointing)
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
@@ -804,6 +891,7 @@ class CabViT(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            dynamic_img_size: bool = False,
             device=None,
             dtype=None,
     ):
@@ -826,16 +914,19 @@ class CabViT(nn.Module):
             proj_drop_rate: Dropout after attention and MLP projections.
             attn_drop_rate: Dropout of the attention weights.
             drop_path_rate: Stochastic depth, linear from 0 over all blocks.
+            dynamic_img_size: Take any input size per forward, the tables resampled to its grids (as timm's ViT).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         if not len(embed_dims) == len(depths) == len(num_heads):
             raise ValueError('embed_dims, depths and num_heads need one entry per stage')
-        self.img_size = check_img_size(img_size, 2 ** (len(depths) + 1), 'CabViT-H')
+        self.min_img_size = 2 ** (len(depths) + 1)  # the output stride
+        self.img_size = check_img_size(img_size, self.min_img_size, 'CabViT-H')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.drop_rate = drop_rate
+        self.dynamic_img_size = dynamic_img_size
 
         self.stem = nn.Sequential(
             FoldableConvNormAct(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1, act_layer=act_layer, **dd),
@@ -854,7 +945,7 @@ class CabViT(nn.Module):
                 stages.append(CabViTStage(
                     in_chs, dim, depth, heads, grids[i], cross_block=cross_block, digest_scale=digest_scale,
                     tme_enhance=tme_enhance, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer,
-                    **common))
+                    dynamic_img_size=dynamic_img_size, **common))
             in_chs = dim
             self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -929,12 +1020,13 @@ class CabViT(nn.Module):
 
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
         """Rebuild the bias tables for another input size (bicubic resampling of the learned ones)."""
-        self.img_size = check_img_size(img_size, 2 ** (len(self.stages) + 1), 'CabViT-H')
+        self.img_size = check_img_size(img_size, self.min_img_size, 'CabViT-H')
         for stage, grid in zip(self.stages, self.token_grids(self.img_size, len(self.stages))):
             stage.set_grid_size(grid)
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return check_input(x, self.in_chans, self.img_size, self.stages[0].blocks[0].conv_dw.weight.dtype)
+        dtype = self.stages[0].blocks[0].conv_dw.weight.dtype
+        return check_input(x, self.in_chans, self.img_size, dtype, self.min_img_size, self.dynamic_img_size)
 
     def forward_intermediates(
             self,
@@ -1027,6 +1119,7 @@ class CabViTPlain(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            dynamic_img_size: bool = False,
             device=None,
             dtype=None,
     ):
@@ -1046,11 +1139,14 @@ class CabViTPlain(nn.Module):
             ls_init_value: Layer scale init, None for none (DeiT has none).
             drop_rate: Dropout before the classifier.
             drop_path_rate: Stochastic depth, linear from 0 over the blocks.
+            dynamic_img_size: Take any input size per forward (padded to whole patches), the tables resampled to
+                its patch grid (as timm's ViT).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         if global_pool not in ('', 'avg', 'token'):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got '{global_pool}'")
+        self.min_img_size = patch_size
         self.img_size = check_img_size(img_size, patch_size, 'CabViT-P')
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -1058,9 +1154,11 @@ class CabViTPlain(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
+        self.dynamic_img_size = dynamic_img_size
 
+        dynamic = dict(strict_img_size=False, output_fmt='NHWC', dynamic_img_pad=True) if dynamic_img_size else {}
         self.patch_embed = PatchEmbed(
-            img_size=self.img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **dd)
+            img_size=self.img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **dynamic, **dd)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
         self.blocks = CabViTBlocks.build(
             embed_dim, depth, num_heads, self.patch_embed.grid_size, calculate_drop_path_rates(drop_path_rate, depth),
@@ -1123,17 +1221,25 @@ class CabViTPlain(nn.Module):
 
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
         """Rebuild the patch grid's bias tables for another input size (resampling the learned ones)."""
-        self.img_size = check_img_size(img_size, self.patch_embed.patch_size[0], 'CabViT-P')
+        self.img_size = check_img_size(img_size, self.min_img_size, 'CabViT-P')
         self.patch_embed.set_input_size(img_size=self.img_size)
         self.blocks.set_grid_size(self.patch_embed.grid_size)
 
     def _forward_tokens(
             self, x: torch.Tensor, take_indices: Optional[List[int]] = None, stop_index: int = -1,
-    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Run blocks 0..stop_index, returning the last tokens and the outputs of the blocks in take_indices."""
-        x = self.patch_embed(check_input(x, self.in_chans, self.img_size, self.patch_embed.proj.weight.dtype))
+    ) -> Tuple[torch.Tensor, List[torch.Tensor], Grid]:
+        """Run blocks 0..stop_index: the last tokens, the outputs of the blocks in take_indices, the patch grid."""
+        x = check_input(x, self.in_chans, self.img_size, self.patch_embed.proj.weight.dtype, self.min_img_size,
+                        self.dynamic_img_size)
+        x = self.patch_embed(x)
+        if self.dynamic_img_size:
+            grid_size = (x.shape[1], x.shape[2])
+            x = x.flatten(1, 2)
+        else:
+            grid_size = self.patch_embed.grid_size
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.blocks(x, self.grad_checkpointing, take_indices, stop_index)
+        x, taken = self.blocks(x, grid_size, self.grad_checkpointing, take_indices, stop_index)
+        return x, taken, grid_size
 
     def forward_intermediates(
             self,
@@ -1160,13 +1266,12 @@ class CabViTPlain(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got '{output_fmt}'")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         stop_index = max_index if stop_early and not torch.jit.is_scripting() else -1
-        x, intermediates = self._forward_tokens(x, take_indices, stop_index)
+        x, intermediates, (H, W) = self._forward_tokens(x, take_indices, stop_index)
         if norm:
             intermediates = [self.norm(y) for y in intermediates]
         prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
         if output_fmt == 'NCHW':
-            H, W = self.patch_embed.grid_size
             intermediates = [y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if not torch.jit.is_scripting() and return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix_tokens))
@@ -1189,7 +1294,7 @@ class CabViTPlain(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self._forward_tokens(x)
+        x, _, _ = self._forward_tokens(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -1218,8 +1323,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         state_dict = convert_reference(state_dict)
     source_size = saved_img_size(state_dict, model, metadata.get('img_size'))
     if source_size is not None:
-        target = model.state_dict()
-        state_dict = resample_tables(state_dict, model.table_grids(source_size), model.table_grids(), target)
+        state_dict = resample_tables(state_dict, model.table_grids(source_size), model.table_grids())
     return check_fits(state_dict, model)
 
 

@@ -28,12 +28,11 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resize_rel_pos_bias_table
 
 __all__ = [
     'CheckpointError', 'check_checkpoint_file', 'check_fits', 'checkpoint_metadata', 'convert_reference',
-    'is_reference_layout', 'load_checkpoint_file', 'resample_tables', 'resize_token_grid', 'saved_img_size',
-    'unwrap_checkpoint',
+    'is_reference_layout', 'load_checkpoint_file', 'resample_tables', 'resize_rel_pos_table', 'resize_token_grid',
+    'saved_img_size', 'unwrap_checkpoint',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -57,6 +56,19 @@ def resize_token_grid(table: torch.Tensor, old_size: Grid, new_size: Grid) -> to
     grid = table.float().reshape(-1, 1, *old_size)
     grid = F.interpolate(grid, size=new_size, mode='bicubic', align_corners=False)
     return grid.reshape(*lead, new_size[0] * new_size[1]).to(table.dtype)
+
+
+def resize_rel_pos_table(table: torch.Tensor, old_window: Grid, new_window: Grid) -> torch.Tensor:
+    """Resample a BEiT-style relative position table, (offsets + class-token entries, heads), to another window.
+
+    The (2H - 1) (2W - 1) offsets are a row-major grid of (dy, dx), resampled as `resize_token_grid` does (for
+    non-square windows too); the class-token entries after them stay as they are.
+    """
+    old_span = (2 * old_window[0] - 1, 2 * old_window[1] - 1)
+    new_span = (2 * new_window[0] - 1, 2 * new_window[1] - 1)
+    num_offsets = old_span[0] * old_span[1]
+    offsets = resize_token_grid(table[:num_offsets].transpose(0, 1), old_span, new_span).transpose(0, 1)
+    return torch.cat([offsets, table[num_offsets:]])
 
 
 # Files
@@ -345,7 +357,6 @@ def resample_tables(
         state_dict: Dict[str, torch.Tensor],
         source_grids: Dict[str, Grid],
         target_grids: Dict[str, Grid],
-        target: Dict[str, torch.Tensor],
 ) -> Dict[str, torch.Tensor]:
     """The state dict with every table resampled from its saved grid to the model's (bicubic, by grid shape)."""
     out = dict(state_dict)
@@ -354,7 +365,7 @@ def resample_tables(
         if not isinstance(value, torch.Tensor) or old_grid is None or tuple(old_grid) == tuple(new_grid):
             continue
         if _is_rel_pos_table(key):
-            out[key] = resize_rel_pos_bias_table(value, new_window_size=new_grid, new_bias_shape=target[key].shape)
+            out[key] = resize_rel_pos_table(value, old_grid, new_grid)
         else:
             out[key] = resize_token_grid(value, old_grid, new_grid)
     return out
