@@ -17,6 +17,7 @@ training (`--drop-path` > 0) then get differently augmented batches (in the same
 import argparse
 import colorsys
 import csv
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import random_seed
 
 import timm_cabvit  # noqa: F401  (registers the CabViT models with timm)
+from timm_cabvit.deploy import calibrate_batchnorm
 
 # Each variant removes one idea of the paper from the CabViT model (model arguments of the registered models).
 VARIANTS = {
@@ -113,29 +115,6 @@ def create_model(config: Config, num_classes: int, img_size: int, drop_path_rate
 
 
 @torch.no_grad()
-def recompute_bn_stats(model: nn.Module, loader, num_batches: int, device: torch.device, amp: bool) -> None:
-    """Precise BN: BatchNorm statistics as the plain mean over `num_batches` training batches of the current weights.
-
-    The running averages lag behind weights that change fast, so early in training (or in any short run) a model
-    with BatchNorm, as CabViT-H (stem, downsampling, TME), evaluates near chance while its training loss is low.
-    Models without BatchNorm are left as they are.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or num_batches <= 0:
-        return
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average
-    model.train()
-    for _, (images, _) in zip(range(num_batches), loader):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            model(images.to(device))
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-
-
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: bool) -> Tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy (%) over the loader."""
     model.eval()
@@ -191,7 +170,8 @@ def train(
             if step == total_steps:
                 break
         train_time += time.perf_counter() - start
-        recompute_bn_stats(model, train_loader, args.precise_bn, device, args.amp)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            calibrate_batchnorm(model, (images for images, _ in itertools.islice(train_loader, args.precise_bn)))
         val_loss, val_top1 = evaluate(model, val_loader, device, args.amp)
         epoch_rows.append(dict(config=config.label, epoch=epoch, step=step, train_loss=float(np.mean(epoch_losses)),
                                val_loss=val_loss, val_top1=val_top1))

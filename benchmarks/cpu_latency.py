@@ -39,7 +39,7 @@ from bench_utils import (
 from timm.utils import reparameterize_model
 
 import timm_cabvit  # noqa: F401  (registers the models)
-from timm_cabvit.deploy import export_onnx
+from timm_cabvit.deploy import calibrate_batchnorm, export_onnx
 
 CABVIT_MODELS = ['cabvit_p_l0', 'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3']
 BASELINES = [
@@ -65,26 +65,6 @@ def machine_description(threads: int) -> Dict[str, object]:
         'onnxruntime': onnxruntime.__version__,
         'load_average_start': os.getloadavg(),
     }
-
-
-@torch.no_grad()
-def calibrate_batchnorm(model: torch.nn.Module, img_size: Tuple[int, int], batch_size: int = 8) -> torch.nn.Module:
-    """Set every BatchNorm's running statistics to those of one batch of random images; return the eval model.
-
-    Freshly initialised, the CabViT-H models shrink their activations ~16-fold in every TME enhance conv (unit
-    running variance behind a depthwise conv of std 0.02 weights, no residual), to 1e-20 at the output of
-    cabvit_h_l3: nothing like a trained model's activations, and the ONNX check would compare near-zero
-    outputs. Calibrated statistics give every model activations of a trained model's scale.
-    """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average: after one batch, that batch's statistics
-    model.train()(torch.randn(batch_size, 3, *img_size))
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    return model.eval()
 
 
 class OnnxRuntimeModel:
@@ -116,7 +96,7 @@ def measure_model(
         workdir: Path,
 ) -> Dict[str, object]:
     """Timings of one model in each variant that applies to it (re-param: CabViT only) and each batch size."""
-    model = calibrate_batchnorm(timm.create_model(name), img_size)
+    model = calibrate_batchnorm(timm.create_model(name), 1, img_size)
     runners: Dict[str, Callable[[torch.Tensor], object]] = {'pytorch': model}
     record: Dict[str, object] = {'model': name, 'params': num_params(model), 'times_ms': {}}
     if 'reparam' in variants and name in CABVIT_MODELS:

@@ -124,7 +124,7 @@ def test_uninstall_removes_the_start_up_hook(tmp_path):
 
 @pytest.mark.parametrize('model_name', ['cabvit_p_l0', 'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3'])
 def test_recipes_are_train_py_configs(model_name):
-    from timm_cabvit.cli import recipe_path
+    from timm_cabvit_cli import recipe_path
     recipe = yaml.safe_load(recipe_path(model_name).read_text())
     assert not set(recipe) - TRAIN_OPTIONS, f'not train.py options: {set(recipe) - TRAIN_OPTIONS}'
     assert recipe['model'] == model_name and recipe['model'] in timm.list_models('cabvit*')
