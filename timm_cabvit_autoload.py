@@ -47,22 +47,37 @@ class _RegisterAfterExec:
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
+        _uninstall()
         self.loader.exec_module(module)
         register_entry_point_models()
 
 
 class TimmImportFinder:
-    """Meta path finder that only notices `import timm` and then steps aside."""
+    """Meta path finder that only notices `import timm`, and steps aside once timm is being loaded.
+
+    It stays on `sys.meta_path` through a mere `importlib.util.find_spec('timm')`, which libraries use to ask
+    whether timm is installed (transformers does on import, before it imports timm): only loading timm removes it.
+    """
+
+    def __init__(self):
+        self._finding = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != 'timm':
+        if fullname != 'timm' or self._finding:
             return None
-        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, TimmImportFinder)]
         from importlib.util import find_spec
-        spec = find_spec('timm')
+        self._finding = True  # the spec the other finders give, without this one answering again
+        try:
+            spec = find_spec('timm')
+        finally:
+            self._finding = False
         if spec is not None and spec.loader is not None:
             spec.loader = _RegisterAfterExec(spec.loader)
         return spec
+
+
+def _uninstall() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, TimmImportFinder)]
 
 
 def install() -> None:

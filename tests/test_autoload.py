@@ -34,6 +34,18 @@ def test_import_timm_registers_the_models(fresh_env):
     assert out.split() == ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0', 'timm_cabvit.cabvit']
 
 
+def test_asking_whether_timm_is_installed_keeps_the_hook(fresh_env):
+    """transformers calls importlib.util.find_spec('timm') on import, long before it imports timm."""
+    out = fresh_env.run(
+        'import importlib.util, sys\n'
+        'assert importlib.util.find_spec("timm") and importlib.util.find_spec("timm")\n'
+        'assert "timm" not in sys.modules\n'
+        'import timm\n'
+        'print(" ".join(timm.list_models("cabvit*")))\n'
+        'print(sum(type(f).__name__ == "TimmImportFinder" for f in sys.meta_path))').stdout
+    assert out.split() == ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0', '0']
+
+
 def test_opt_out_and_start_up_footprint(fresh_env):
     modules = 'import sys, json; print(json.dumps(sorted(sys.modules)))'
     loaded = set(json.loads(fresh_env.run(modules).stdout))

@@ -11,7 +11,7 @@ do not exist until someone trains the models and pushes them.
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import safetensors.torch
 import timm
@@ -228,11 +228,15 @@ def export_checkpoint(
         img_size: Optional[Union[int, Tuple[int, int]]] = None,
         repo_id: Optional[str] = None,
         model_card: Optional[Dict[str, Any]] = None,
+        label_names: Optional[Sequence[str]] = None,
 ) -> Path:
     """Write the Hub layout timm reads: config.json, model.safetensors and a README.md model card.
 
     The weights are loaded strictly through timm's `load_pretrained` and `checkpoint_filter_fn`, into a model with
     the class count, input channels and input size of the checkpoint itself, so the export holds what was trained.
+    Hugging Face transformers loads the folder too (`AutoModelForImageClassification.from_pretrained(out_dir)`,
+    `pipeline('image-classification', model=out_dir)`, through its TimmWrapper), with the input size and
+    preprocessing of the export.
 
     Args:
         checkpoint: File or state dict of our layout, a timm train.py checkpoint or the reference layout.
@@ -243,6 +247,9 @@ def export_checkpoint(
             checkpoint or an export does) and it is not a square one readable from the bias tables.
         repo_id: Hub repo the folder is meant for, used in the card's usage example (default: the cfg's hf_hub_id).
         model_card: Entries overriding those of the generated card (timm's `generate_readme` format).
+        label_names: One name per class, in classifier order: the labels transformers' pipeline reports (and
+            `label_names` of timm's pretrained cfg). Default: none, which transformers reads as the ImageNet-1k
+            classes for 1000 classes and as LABEL_0, LABEL_1, ... otherwise.
 
     Returns:
         The output folder.
@@ -257,11 +264,22 @@ def export_checkpoint(
         raise CheckpointError(
             'Cannot tell the input size the checkpoint was trained at: it records none and its bias tables fit no '
             'square size. Pass it: img_size (--img-size HxW).')
+    model_config = None
+    if label_names is not None:
+        if isinstance(label_names, str):
+            raise CheckpointError('label_names is a list of class names, one per class, not one string.')
+        label_names = [str(name) for name in label_names]
+        if len(label_names) != saved['num_classes']:
+            raise CheckpointError(
+                f"{len(label_names)} label names for a checkpoint with {saved['num_classes']} classes: give one name "
+                f"per class, in classifier order.")
+        model_config = dict(label_names=label_names)
     overlay = _input_overlay(model_name, state_dict, saved)
     model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **saved).eval()
 
     out_dir = Path(out_dir)
-    save_for_hf(model, out_dir, safe_serialization=True)
+    save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True)
+    _leave_num_classes_to_the_root(out_dir / HUB_CONFIG)
     written = safetensors.torch.load_file(out_dir / HUB_WEIGHTS)
     expected = model.state_dict()
     if written.keys() != expected.keys() or any(not torch.equal(written[k], v) for k, v in expected.items()):
@@ -276,6 +294,18 @@ def export_checkpoint(
         readme += f'\n## Citation\n```bibtex\n{citation}\n```\n'
     (out_dir / 'README.md').write_text(readme, encoding='utf-8')
     return out_dir
+
+
+def _leave_num_classes_to_the_root(config_path: Path) -> None:
+    """Drop the class count from the config's model_args: the root's num_classes says it for timm and transformers.
+
+    timm records it in both places; transformers' TimmWrapper passes model_args to `timm.create_model` beside a
+    num_classes of its own (read from the root), which fails with "got multiple values for keyword argument
+    'num_classes'". timm builds the model with the root's count when model_args lacks it.
+    """
+    config = json.loads(config_path.read_text(encoding='utf-8'))
+    config.get('model_args', {}).pop('num_classes', None)
+    config_path.write_text(json.dumps(config, indent=2), encoding='utf-8')
 
 
 def _model_card(
@@ -306,6 +336,11 @@ def _model_card(
         f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()\n"
         'data_config = timm.data.resolve_model_data_config(model)\n'
         'transforms = timm.data.create_transform(**data_config, is_training=False)\n'
+        '```\n\n'
+        'With Hugging Face transformers (timm-cabvit installed, no import needed):\n\n'
+        '```python\n'
+        'from transformers import pipeline\n\n'
+        f"classify = pipeline('image-classification', model='{repo_id}')\n"
         '```')
     return dict(
         description=(
