@@ -54,7 +54,7 @@ TRANSFORMERS_SIDE = textwrap.dedent("""
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, one_thread):
     """A cabvit_h_l1 with random weights (distinct logits), exported with class names at a non-square size."""
     torch.manual_seed(0)
     model = timm.create_model('cabvit_h_l1', num_classes=len(LABELS), img_size=IMG_SIZE)
@@ -76,7 +76,7 @@ def from_transformers(exported, tmp_path_factory):
     folder, image_file = exported
     out_file = tmp_path_factory.mktemp('result') / 'result.json'
     env = {k: v for k, v in os.environ.items() if not k.startswith('TIMM_CABVIT')}
-    env.update(HF_HUB_OFFLINE='1', HF_HUB_DISABLE_TELEMETRY='1', TRANSFORMERS_VERBOSITY='error',
+    env.update(HF_HUB_OFFLINE='1', HF_HUB_DISABLE_TELEMETRY='1', TRANSFORMERS_VERBOSITY='error', OMP_NUM_THREADS='1',
                HF_HOME=str(tmp_path_factory.mktemp('hf_home')))
     result = subprocess.run([sys.executable, '-c', TRANSFORMERS_SIDE, str(folder), str(image_file), str(out_file)],
                             capture_output=True, text=True, env=env, timeout=300)
