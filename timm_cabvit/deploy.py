@@ -34,8 +34,8 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 from timm.utils import reparameterize_model
 
-from .cabvit import batchnorm_momentum
 from .hub import create_model
+from .layers import batchnorm_momentum
 
 __all__ = [
     'ExportCheckError', 'calibrate_batchnorm', 'export_onnx', 'export_program', 'export_torchscript',

@@ -1,0 +1,241 @@
+""" Layers of the CabViT models that are not CabViT's own: grid position biases, a foldable conv-BN, input checks
+
+LeViT-style (`GridPosBias`) and BEiT-style (`ClassTokenRelPosBias`) position biases that can be evaluated for any
+token grid (resampling their learned tables, for `dynamic_img_size`), the conv + BatchNorm that
+`timm.utils.reparameterize_model` folds, and the checks that give a wrong input a clear error. Like `timm.layers`,
+they know nothing of cross-block attention.
+"""
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import ConvNormAct, RelPosBias, gen_relative_position_index, ndgrid
+from timm.layers._fx import register_notrace_function
+
+from .checkpoint import resize_rel_pos_table, resize_token_grid
+
+__all__ = [
+    'ClassTokenRelPosBias', 'FoldableConvNormAct', 'GridPosBias', 'MAX_TOKENS', 'batchnorm_momentum',
+    'channels_last_parameter', 'check_img_size', 'check_input', 'grid_offset_index', 'resized_parameter',
+]
+
+Grid = Tuple[int, int]
+
+# Global attention over the tokens of a stage needs a (heads, N, N) bias: beyond this many tokens (a 2048x2048
+# image at stride 16) it no longer fits in memory, so larger sizes are refused up front.
+MAX_TOKENS = 128 * 128
+
+
+@torch.no_grad()
+def resized_parameter(param: nn.Parameter, old_size: Grid, new_size: Grid) -> nn.Parameter:
+    """A grid-laid parameter resampled to another token grid, frozen if the original was (set_input_size)."""
+    return nn.Parameter(resize_token_grid(param, old_size, new_size), requires_grad=param.requires_grad)
+
+
+def grid_offset_index(grid_size: Grid, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(N, N) index of each token pair's absolute offset (|dy|, |dx|) into a LeViT-style (heads, H * W) table."""
+    pos = torch.stack(ndgrid(
+        torch.arange(grid_size[0], device=device), torch.arange(grid_size[1], device=device))).flatten(1)
+    rel_pos = (pos[..., :, None] - pos[..., None, :]).abs()
+    return rel_pos[0] * grid_size[1] + rel_pos[1]
+
+
+def channels_last_parameter(weight: torch.Tensor) -> nn.Parameter:
+    """A depthwise conv weight (C, 1, k, k) with channels-last strides: the same memory, as its size-1 dim makes
+    both layouts one, but PyTorch then convolves channels-last input in that layout.
+
+    The TME's maps are channels-last views of (B, N, C) tokens; with these weights its convolutions keep them so,
+    their outputs are tokens again without a copy, and they run 2-2.7x faster on CPU at the TME's sizes.
+    """
+    out = torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight.detach())
+    return nn.Parameter(out, requires_grad=weight.requires_grad)
+
+
+def check_img_size(img_size: Any, stride: int, model_name: str) -> Grid:
+    """The (H, W) a model is built for, after checking it is one: two sizes of at least one output stride, and not
+    so large that global attention over the tokens cannot be held in memory."""
+    if isinstance(img_size, int) and not isinstance(img_size, bool):
+        img_size = (img_size, img_size)
+    if (not isinstance(img_size, (tuple, list)) or len(img_size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in img_size)):
+        raise ValueError(f'img_size must be an int or a pair of ints (H, W), got {img_size!r}')
+    if min(img_size) < stride:
+        raise ValueError(f'{model_name} needs images of at least {stride}x{stride} (its output stride), '
+                         f'got img_size={tuple(img_size)}')
+    tokens = math.ceil(img_size[0] / 16) * math.ceil(img_size[1] / 16)
+    if tokens > MAX_TOKENS:
+        raise ValueError(
+            f'img_size={tuple(img_size)} gives {tokens:,} tokens at stride 16; global attention over them needs a '
+            f'(heads, N, N) bias beyond memory. {model_name} takes up to {MAX_TOKENS:,} tokens (2048x2048).')
+    return int(img_size[0]), int(img_size[1])
+
+
+@torch.jit.unused
+def _check_dtype_and_size(x: torch.Tensor, dtype: torch.dtype, min_size: int) -> None:
+    """Images of the weights' dtype (any floating point type under autocast, which casts them itself), and of a
+    size the model takes at all."""
+    if x.dtype != dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(
+            f'CabViT expects {dtype} images, as its weights, got {x.dtype}; convert them (x.to({dtype}), integer '
+            f'images normalised as the model\'s pretrained_cfg mean and std say) or the model (model.to(dtype)).')
+    height, width = x.shape[2:]
+    if min(height, width) < min_size or math.ceil(height / 16) * math.ceil(width / 16) > MAX_TOKENS:
+        raise ValueError(
+            f'CabViT takes images from {min_size}x{min_size} up to {MAX_TOKENS:,} tokens at stride 16 (2048x2048), '
+            f'got {height}x{width}.')
+
+
+@register_notrace_function
+def check_input(
+        x: torch.Tensor,
+        in_chans: int,
+        img_size: Tuple[int, int],
+        dtype: torch.dtype,
+        min_size: int,
+        dynamic_img_size: bool = False,
+) -> torch.Tensor:
+    """Reject input the model and its bias tables were not built for, saying what was expected."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f'CabViT expects a torch.Tensor of images (B, {in_chans}, H, W), got {type(x).__name__}')
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            f'CabViT expects images of shape (B, {in_chans}, H, W), got {list(x.shape)}; '
+            f'create the model with another in_chans for images of other channel counts.')
+    if not torch.jit.is_scripting():
+        _check_dtype_and_size(x, dtype, min_size)
+    height, width = x.shape[2], x.shape[3]
+    if not dynamic_img_size and (height != img_size[0] or width != img_size[1]):
+        raise ValueError(
+            f'CabViT was built for {img_size[0]}x{img_size[1]} images (its bias tables are sized for that grid), '
+            f'got {height}x{width}; create it with img_size=({height}, {width}) or dynamic_img_size=True, or call '
+            f'set_input_size().')
+    return x
+
+
+class FoldableConvNormAct(ConvNormAct):
+    """timm's ConvNormAct (conv, BatchNorm, activation) that folds the BatchNorm into the conv for inference.
+
+    `timm.utils.reparameterize_model` replaces it with the result of `fuse()`: a biased conv, followed by the
+    activation where there is one.
+    """
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        conv, bn = self.conv, self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused = nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, bias=True, padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        fused.weight = nn.Parameter(torch.empty_like(conv.weight))  # in the conv's layout (see channels_last_parameter)
+        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        bias = bn.bias - bn.running_mean * scale
+        fused.bias.copy_(bias if conv.bias is None else bias + conv.bias * scale)
+        tail = [m for m in (bn.drop, bn.act) if not isinstance(m, nn.Identity)]
+        return nn.Sequential(fused, *tail) if tail else fused
+
+
+class GridPosBias(nn.Module):
+    """LeViT-style position bias: one learnable value per head and absolute offset (|dy|, |dx|) on the grid.
+
+    `window_size` and `set_window_size` are named as in timm's RelPosBias, which CabViT-P uses instead.
+    """
+
+    def __init__(self, num_heads: int, window_size: Grid, device=None, dtype=None):
+        super().__init__()
+        self.window_size = tuple(window_size)
+        num_tokens = window_size[0] * window_size[1]
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, num_tokens, device=device, dtype=dtype))
+        self.register_buffer(
+            'attention_bias_idxs',
+            torch.empty((num_tokens, num_tokens), device=device, dtype=torch.long),
+            persistent=False,
+        )
+        self._init_buffers()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.attention_biases)
+        self._init_buffers()
+
+    def _init_buffers(self) -> None:
+        if self.attention_bias_idxs.device.type != 'meta':
+            self.attention_bias_idxs.copy_(grid_offset_index(self.window_size, self.attention_bias_idxs.device))
+
+    def init_non_persistent_buffers(self) -> None:
+        self._init_buffers()
+
+    def set_window_size(self, window_size: Grid) -> None:
+        if tuple(window_size) == self.window_size:
+            return
+        self.attention_biases = resized_parameter(self.attention_biases, self.window_size, window_size)
+        self.window_size = tuple(window_size)
+        num_tokens = window_size[0] * window_size[1]
+        self.attention_bias_idxs = self.attention_bias_idxs.new_empty((num_tokens, num_tokens))
+        self._init_buffers()
+
+    def get_bias(self, grid_size: Grid) -> torch.Tensor:
+        """(heads, N, N) for tokens on `grid_size`; for another grid than the table's, from the resampled table."""
+        if grid_size == self.window_size:
+            return self.attention_biases[:, self.attention_bias_idxs]
+        return self._resampled_bias(grid_size)
+
+    @torch.jit.unused
+    def _resampled_bias(self, grid_size: Grid) -> torch.Tensor:
+        table = resize_token_grid(self.attention_biases, self.window_size, grid_size)
+        return table[:, grid_offset_index(grid_size, table.device)]
+
+
+class ClassTokenRelPosBias(RelPosBias):
+    """timm's RelPosBias with a class token (BEiT-style, CabViT-P's position bias), for any token grid.
+
+    Its table is resampled for another grid as by `set_window_size`, but for non-square windows too.
+    """
+
+    def __init__(self, window_size: Grid, num_heads: int, device=None, dtype=None):
+        super().__init__(tuple(window_size), num_heads, prefix_tokens=1, device=device, dtype=dtype)
+
+    def set_window_size(self, window_size: Grid) -> None:
+        window_size = tuple(window_size)
+        if window_size == self.window_size:
+            return
+        with torch.no_grad():
+            table = resize_rel_pos_table(self.relative_position_bias_table, self.window_size, window_size)
+        self.relative_position_bias_table = nn.Parameter(
+            table, requires_grad=self.relative_position_bias_table.requires_grad)
+        self.window_size = window_size
+        self.window_area = window_size[0] * window_size[1]
+        self.bias_shape = (self.window_area + 1, self.window_area + 1, table.shape[-1])
+        self.relative_position_index = self.relative_position_index.new_empty((self.window_area + 1) ** 2)
+        self._init_buffers()
+
+    def get_bias(self, grid_size: Grid) -> torch.Tensor:
+        """(heads, 1 + N, 1 + N) for a class token and tokens on `grid_size`."""
+        if grid_size == self.window_size:
+            bias = self.relative_position_bias_table[self.relative_position_index]
+            return bias.view(self.bias_shape).permute(2, 0, 1)
+        return self._resampled_bias(grid_size)
+
+    def forward(self, attn: torch.Tensor, grid_size: Grid) -> torch.Tensor:
+        return attn + self.get_bias(grid_size)
+
+    @torch.jit.unused
+    def _resampled_bias(self, grid_size: Grid) -> torch.Tensor:
+        table = resize_rel_pos_table(self.relative_position_bias_table, self.window_size, grid_size)
+        index = gen_relative_position_index(grid_size, class_token=True, device=table.device)
+        return table[index].permute(2, 0, 1)
+
+
+@contextmanager
+def batchnorm_momentum(module: nn.Module, momentum: Optional[float]) -> Iterator[None]:
+    """Set the momentum of every BatchNorm in `module` for a while: 0 to leave the running statistics alone, None
+    for a cumulative average (re-estimating them)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.momentum = momentum
+    try:
+        yield
+    finally:
+        for norm, saved in zip(norms, momenta):
+            norm.momentum = saved
