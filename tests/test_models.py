@@ -166,6 +166,41 @@ def test_wrong_input_gives_clear_value_errors(model_name):
         timm.create_model(model_name, img_size=8)
 
 
+@pytest.mark.parametrize('model_name', ['cabvit_h_l1', 'cabvit_p_l0'])
+def test_empty_batch_and_input_types(model_name):
+    """An empty batch gives empty logits, as timm's other models; other dtypes and non-tensors a clear error."""
+    model = timm.create_model(model_name, img_size=64).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(0, 3, 64, 64)).shape == (0, 1000)
+    for bad in (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.zeros(1, 3, 64, 64, dtype=torch.int64),
+                torch.zeros(1, 3, 64, 64, dtype=torch.float64), torch.zeros(1, 3, 64, 64, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=f'expects torch.float32 images, as its weights, got {bad.dtype}'):
+            model(bad)
+    with pytest.raises(ValueError, match='expects a torch.Tensor of images'):
+        model(torch.zeros(1, 3, 64, 64).numpy())
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)  # autocast casts the float32 images itself
+
+
+@pytest.mark.parametrize('img_size, message', [
+    ('224', r"img_size must be an int or a pair of ints \(H, W\), got '224'"),
+    ((224,), r'got \(224,\)'),
+    ((224, 224, 3), r'got \(224, 224, 3\)'),
+    (10000, r'gives 390,625 tokens at stride 16.*up to 16,384 tokens'),
+    (16, r'at least 32x32'),
+])
+def test_bad_img_size_fails_fast_with_what_is_allowed(img_size, message):
+    with pytest.raises(ValueError, match=message):
+        timm.create_model('cabvit_h_l1', img_size=img_size, device='meta')
+
+
+def test_too_small_input_suggests_no_size_creation_rejects():
+    model = timm.create_model('cabvit_h_l1', img_size=64)
+    with pytest.raises(ValueError) as e:
+        model(torch.zeros(1, 3, 16, 16))
+    assert 'img_size=(16, 16)' not in str(e.value) and 'from 32x32' in str(e.value)
+
+
 def test_in_chans_num_classes_and_pooling():
     model = timm.create_model('cabvit_h_l1', in_chans=1, num_classes=7, global_pool='max').eval()
     with torch.no_grad():
