@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -160,6 +160,22 @@ def write_json(path: str, data: Dict, indent: int = 2) -> None:
     with open(path, 'w') as f:
         json.dump(data, f, indent=indent)
         f.write('\n')
+
+
+def report_markdown(sections: Sequence[str], env: Dict[str, Optional[str]]) -> str:
+    """A result's markdown: its sections, then the command that made it (from `environment`)."""
+    return '\n'.join([*sections, '', f'`{env["command"]}`', ''])
+
+
+def write_result(json_path: str, markdown: str, env: Dict[str, Optional[str]], settings: Dict, **data: Any) -> str:
+    """A result as JSON at `json_path` (environment, settings, then `data`) and as markdown beside it (.md).
+
+    Returns the line that says so, for the caller to print.
+    """
+    write_json(json_path, dict(environment=env, settings=settings, **data))
+    with open(json_path[:-len('.json')] + '.md', 'w') as f:
+        f.write(markdown)
+    return f'written: {json_path} and .md'
 
 
 def markdown_table(header: List[str], rows: List[List[str]], right: Sequence[bool] = ()) -> str:

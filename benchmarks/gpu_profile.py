@@ -39,11 +39,12 @@ from bench_utils import (
     component_fn,
     environment,
     markdown_table,
+    report_markdown,
     resolve_device,
     result_path,
     synchronize,
     time_ms,
-    write_json,
+    write_result,
 )
 from timm.models import get_pretrained_cfg_value
 from torch.autograd.profiler import record_function
@@ -328,14 +329,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     ]
     for table in format_tables(rows, args, device):
         sections += ['', table]
-    sections += ['', f'`{env["command"]}`', '']
-    markdown = '\n'.join(sections)
+    markdown = report_markdown(sections, env)
     print(markdown)
     json_path = result_path(args.results_dir, 'profile-', device, '.json')
-    write_json(json_path, dict(environment=env, settings=vars(args), rows=rows))
-    with open(json_path[:-len('.json')] + '.md', 'w') as f:
-        f.write(markdown)
-    print(f'written: {json_path} and .md', file=sys.stderr)
+    print(write_result(json_path, markdown, env, vars(args), rows=rows), file=sys.stderr)
     return rows
 
 

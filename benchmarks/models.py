@@ -23,10 +23,11 @@ from bench_utils import (
     RESULTS_DIR,
     environment,
     markdown_table,
+    report_markdown,
     resolve_device,
     result_path,
     time_ms,
-    write_json,
+    write_result,
 )
 from timm.data import resolve_model_data_config
 
@@ -167,7 +168,7 @@ def main():
         table_rows.append(cells)
     env = environment(device)
     notes = [n for n in (ratios(rows, m, 'convnext_tiny') for m in ('cabvit_h_l2', 'cabvit_h_l1')) if n]
-    markdown = '\n'.join([
+    markdown = report_markdown([
         f'# Throughput on {env["device"]}',
         '',
         f'{"fp32 (no autocast)" if args.dtype == "fp32" else args.dtype + " autocast"}, channels_last, '
@@ -179,16 +180,10 @@ def main():
         markdown_table(header, table_rows),
         '',
         *notes,
-        '',
-        f'`{env["command"]}`',
-        '',
-    ])
+    ], env)
     print('\n' + markdown)
     json_path = result_path(args.results_dir, '', device, f'-{args.tag}.json' if args.tag else '.json')
-    write_json(json_path, dict(environment=env, settings=vars(args), rows=rows, notes=notes))
-    with open(json_path[:-len('.json')] + '.md', 'w') as f:
-        f.write(markdown)
-    print(f'written: {json_path} and .md')
+    print(write_result(json_path, markdown, env, vars(args), rows=rows, notes=notes))
 
 
 if __name__ == '__main__':

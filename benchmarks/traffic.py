@@ -33,9 +33,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib
 import math
-import os
 import sys
 import warnings
 from collections import Counter, defaultdict
@@ -53,7 +51,8 @@ from bench_utils import (
     dated_result_path,
     environment,
     markdown_table,
-    write_json,
+    report_markdown,
+    write_result,
 )
 from tme import tme_shapes
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -61,7 +60,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-import timm_cabvit  # noqa: F401  registers the models
+from timm_cabvit import import_tme_triton  # importing timm_cabvit registers the models
 
 DEFAULT_MODELS = ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_p_l0', 'convnext_tiny', 'efficientformer_l1']
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}
@@ -71,25 +70,6 @@ aten = torch.ops.aten
 ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
                aten.new_empty.default, aten.new_empty_strided.default}
 WRITE_ONLY = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}
-
-
-def import_tme_triton():
-    """The fused TME module, its kernels defined for Triton's interpreter where there is no GPU.
-
-    Triton fixes a kernel's mode when the module defines it; importing here first keeps a later CPU test run in
-    the same process (tests/test_tme_triton.py) on the interpreter. Counting never launches a kernel.
-    """
-    if torch.cuda.is_available() or 'timm_cabvit.tme_triton' in sys.modules:
-        return importlib.import_module('timm_cabvit.tme_triton')
-    previous = os.environ.get('TRITON_INTERPRET')
-    os.environ['TRITON_INTERPRET'] = '1'
-    try:
-        return importlib.import_module('timm_cabvit.tme_triton')
-    finally:
-        if previous is None:
-            del os.environ['TRITON_INTERPRET']
-        else:
-            os.environ['TRITON_INTERPRET'] = previous
 
 
 @contextlib.contextmanager
@@ -288,7 +268,11 @@ def fake_cuda_pass(fake_mode: FakeTensorMode, sdpa: str, dtype: Optional[torch.d
 
 
 def fake_model(model: nn.Module, fake_mode: FakeTensorMode, channels_last: bool) -> nn.Module:
-    """The model itself, its parameters and buffers made fake CUDA tensors; the fused TME ops are defined first."""
+    """The model itself, its parameters and buffers made fake CUDA tensors; the fused TME ops are defined first.
+
+    Without a GPU they are defined for Triton's interpreter (`import_tme_triton`), which keeps a later CPU test run
+    in the same process (tests/test_tme_triton.py) on the interpreter. Counting never launches a kernel.
+    """
     import_tme_triton()
     with fake_mode:
         return model.to(device='cuda', memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -403,42 +387,38 @@ class Launch:
 def tme_launches(grid_size: Tuple[int, int], dim: int, prefix: int, batch_size: int, train: bool,
                  sm_count: int) -> Dict[str, List[Launch]]:
     """Triton launches of the fused TME ops that a pass runs (eval: forward; train: forward and backward) on a GPU
-    with `sm_count` SMs, by the formulas of `tme_triton`. The merge branch changes no grid.
+    with `sm_count` SMs. The merge branch changes no grid.
 
-    `tme_triton` sizes its grids in `_launch_fwd`, `_launch_apply`, `tme_backward` and `tme_bn_backward` from
-    `kernel_config`, the tile count and `_num_progs`, which asks the CUDA device for its SM count; without a GPU
-    they cannot be called, so this repeats their arithmetic with the module's public constants. Keep it in step.
+    The grids and warps are `tme_triton.launch_plan`'s, by which the ops size their launches (from the SM count of
+    the CUDA device they run on); this names the kernels each op launches and what one program loops over.
     """
     tt = import_tme_triton()
-    block_c, fwd_warps, bwd_warps = tt.kernel_config(dim)
-    cblocks = triton.cdiv(dim, block_c)
-    tiles = batch_size * math.ceil(grid_size[0] / tt.TILE) * math.ceil(grid_size[1] / tt.TILE)
+    tiles = batch_size * tt.num_tiles(*grid_size)
     rows = batch_size * (prefix + grid_size[0] * grid_size[1])
     grid_rows = batch_size * grid_size[0] * grid_size[1]
 
-    def progs(items: int, per_sm: int) -> int:
-        return max(1, min(items, triton.cdiv(per_sm * sm_count, cblocks)))
-
-    def tiled(kernel: str, per_sm: int, warps: int) -> Launch:
-        n = progs(tiles, per_sm)
-        return Launch(kernel, (n, cblocks), warps, f'{math.ceil(tiles / n)} 4x4 tiles')
+    def tiled(kernel: str, backward: bool = False) -> Launch:
+        plan = tt.launch_plan(tiles, dim, sm_count, backward)
+        return Launch(kernel, plan.grid, plan.num_warps, f'{math.ceil(tiles / plan.num_progs)} 4x4 tiles')
 
     def row_wise(kernel: str, num_rows: int) -> Launch:
-        n = progs(triton.cdiv(num_rows, tt.BLOCK_ROWS), tt.FWD_PROGRAMS_PER_SM)
-        steps = math.ceil(num_rows / (n * tt.BLOCK_ROWS))
-        return Launch(kernel, (n, cblocks), fwd_warps, f'{steps} x {tt.BLOCK_ROWS} rows')
+        plan = tt.launch_plan(triton.cdiv(num_rows, tt.BLOCK_ROWS), dim, sm_count)
+        steps = math.ceil(num_rows / (plan.num_progs * tt.BLOCK_ROWS))
+        return Launch(kernel, plan.grid, plan.num_warps, f'{steps} x {tt.BLOCK_ROWS} rows')
 
     if not train:
-        return {'tme_eval': [tiled('_tme_fwd_kernel (BN folded)', tt.FWD_PROGRAMS_PER_SM, fwd_warps)]}
-    partials = progs(tiles, tt.FWD_PROGRAMS_PER_SM)
+        return {'tme_eval': [tiled('_tme_fwd_kernel (BN folded)')]}
+    forward = tiled('_tme_fwd_kernel (raw 3x3, Welford partials)')
+    stats = tt.launch_plan(1, dim, sm_count)
     return {
         'tme_train': [
-            tiled('_tme_fwd_kernel (raw 3x3, Welford partials)', tt.FWD_PROGRAMS_PER_SM, fwd_warps),
-            Launch('_bn_stats_kernel', (cblocks,), fwd_warps, f'{partials} partials, {tt.BLOCK_PARTS} per step'),
+            forward,
+            Launch('_bn_stats_kernel', (stats.num_cblocks,), stats.num_warps,
+                   f'{forward.grid[0]} partials, {tt.BLOCK_PARTS} per step'),
             row_wise('_bn_apply_kernel (BN affine)', rows),
         ],
         'tme_bn_backward': [row_wise('_bn_bwd_reduce_kernel', grid_rows), row_wise('_bn_apply_kernel (du)', rows)],
-        'tme_backward': [tiled('_tme_bwd_kernel', tt.BWD_PROGRAMS_PER_SM, bwd_warps)],
+        'tme_backward': [tiled('_tme_bwd_kernel', backward=True)],
     }
 
 
@@ -574,15 +554,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         grids, grid_records = grid_table(args)
         sections += ['', f'fused TME launch grids on {args.sm_count} SMs (grid = programs along tiles or rows x '
                          'channel blocks)', '', grids]
-    sections += ['', f'`{env["command"]}`', '']
-    markdown = '\n'.join(sections)
+    markdown = report_markdown(sections, env)
     print(markdown)
     if args.write:
         json_path = dated_result_path(args.results_dir, 'traffic', '.json')
-        write_json(json_path, dict(environment=env, settings=vars(args), rows=rows, tme_grids=grid_records))
-        with open(json_path[:-len('.json')] + '.md', 'w') as f:
-            f.write(markdown)
-        print(f'written: {json_path} and .md', file=sys.stderr)
+        print(write_result(json_path, markdown, env, vars(args), rows=rows, tme_grids=grid_records), file=sys.stderr)
     return rows
 
 

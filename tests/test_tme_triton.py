@@ -2,7 +2,8 @@
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter. Triton decides whether a kernel is
 interpreted when it defines it, so this module imports `timm_cabvit.tme_triton` with TRITON_INTERPRET=1 set for that
-import only (models import it lazily, on the first fused forward). With a GPU the compiled kernels run on it.
+import only, through `timm_cabvit.import_tme_triton` (models import it lazily, on the first fused forward). With a
+GPU the compiled kernels run on it.
 """
 import copy
 import importlib
@@ -18,7 +19,7 @@ import pytest
 import timm
 import torch
 
-from timm_cabvit import cabvit
+from timm_cabvit import cabvit, import_tme_triton
 from timm_cabvit.cabvit import TokenMergeEnhance
 
 HAS_TRITON = importlib.util.find_spec('triton') is not None
@@ -28,25 +29,11 @@ RTOL = 1e-5  # fp32, relative to the largest magnitude of the reference
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason='Triton is not installed, there is no fused TME path')
 
 
-def _import_tme_triton():
-    if DEVICE.type == 'cuda' or 'timm_cabvit.tme_triton' in sys.modules:
-        return importlib.import_module('timm_cabvit.tme_triton')
-    previous = os.environ.get('TRITON_INTERPRET')
-    os.environ['TRITON_INTERPRET'] = '1'
-    try:
-        return importlib.import_module('timm_cabvit.tme_triton')
-    finally:
-        if previous is None:
-            del os.environ['TRITON_INTERPRET']
-        else:
-            os.environ['TRITON_INTERPRET'] = previous
-
-
 @pytest.fixture(scope='module')
 def tme_triton():
     if not HAS_TRITON:
         pytest.skip('Triton is not installed, there is no fused TME path')
-    module = _import_tme_triton()
+    module = import_tme_triton()
     if DEVICE.type == 'cpu' and not module.INTERPRETED:
         pytest.skip('timm_cabvit.tme_triton was imported before this module without TRITON_INTERPRET=1, so its '
                     'kernels are compiled for a GPU and this machine has none')

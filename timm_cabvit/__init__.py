@@ -46,5 +46,32 @@ from .cabvit import (  # noqa: E402  (after the version check: nothing registers
 
 __all__ = [
     'CabViT', 'CabViTBlock', 'CabViTPlain', 'TIMM_MINIMUM', '__version__',
-    'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0',
+    'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0', 'import_tme_triton',
 ]
+
+
+def import_tme_triton():
+    """The fused TME module, `timm_cabvit.tme_triton`, its kernels defined for Triton's interpreter without a GPU.
+
+    Triton fixes whether a kernel is interpreted when the module defining it is imported: with TRITON_INTERPRET=1
+    then, the kernels run on CPU tensors. Without CUDA this imports the module with that variable set for the import
+    only; a module already imported is returned as it is. Models import it themselves, on their first fused forward.
+    """
+    import importlib
+    import os
+    import sys
+
+    import torch
+
+    name = f'{__name__}.tme_triton'
+    if torch.cuda.is_available() or name in sys.modules:
+        return importlib.import_module(name)
+    previous = os.environ.get('TRITON_INTERPRET')
+    os.environ['TRITON_INTERPRET'] = '1'
+    try:
+        return importlib.import_module(name)
+    finally:
+        if previous is None:
+            del os.environ['TRITON_INTERPRET']
+        else:
+            os.environ['TRITON_INTERPRET'] = previous

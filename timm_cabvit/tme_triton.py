@@ -30,17 +30,94 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ['token_merge_enhance', 'tme_eval', 'tme_train', 'tme_backward', 'tme_bn_backward', 'INTERPRETED']
+__all__ = [
+    'token_merge_enhance', 'tme_eval', 'tme_train', 'tme_backward', 'tme_bn_backward', 'INTERPRETED', 'KernelConfig',
+    'kernel_config', 'LaunchPlan', 'launch_plan', 'num_tiles',
+]
 
 TILE = 4  # digest stride: a program's 4x4 tile is the footprint of one digest token
 BLOCK_PARTS = 64  # partials merged per step by the statistics kernel
 BLOCK_ROWS = 32  # token rows per step of the elementwise and row-reduction kernels
-# Kernels use only Triton builtins, not the @triton.jit helpers of triton.language.standard (tl.sum, tl.zeros):
-# those are interpreted only if TRITON_INTERPRET=1 was set when Triton itself was imported, these kernels whenever it
-# is set when this module is imported. The sum combine is the one tl.sum uses, which the interpreter runs in numpy.
+# Kernels use only Triton builtins and their own device functions below, not the @triton.jit helpers of
+# triton.language.standard (tl.sum, tl.zeros): those are interpreted only if TRITON_INTERPRET=1 was set when Triton
+# itself was imported, this module's functions whenever it is set when this module is imported. The sum combine is
+# the one tl.sum uses, which the interpreter runs in numpy.
 _SUM = tl.standard._sum_combine
 FWD_PROGRAMS_PER_SM = 8
 BWD_PROGRAMS_PER_SM = 2  # fewer programs, fewer weight-gradient partials to sum (49 + 9 per channel each)
+
+
+# Device functions of the two fused kernels, forward and backward: both walk the same 4x4 tiles of the same grid.
+
+@triton.jit
+def _tile_layout(W: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
+    """The program's block of channels and the layout of a 4x4 tile.
+
+    Returns the channel offsets, their mask, the mask as a (1, BLOCK_C) row (a constant for EVEN_C, which the
+    compiler folds away), the row and column in the tile (ph, pw) of each of its 16 positions, and the (16, BLOCK_C)
+    offsets of the tile's tokens from its first one.
+    """
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    if EVEN_C:
+        cmask = tl.full([1, BLOCK_C], 1, tl.int1)
+    else:
+        cmask = mask_c[None, :]
+    idx = tl.arange(0, 16)
+    ph = idx // 4
+    pw = idx % 4
+    tile_off = (ph * W + pw)[:, None] * C + offs_c[None, :]
+    return offs_c, mask_c, cmask, ph, pw, tile_off
+
+
+@triton.jit
+def _tile(item, ph, pw, tile_off, H: tl.constexpr, W: tl.constexpr, C: tl.constexpr, P: tl.constexpr):
+    """Work item `item`: tile t, at tile row th and column tw, of batch element b.
+
+    Returns b, t, th, tw, the offset of b's tokens, the offsets of the tile's tokens, and which of the rows h - 1, h,
+    h + 1 and of the columns w - 1, w, w + 1 around each of its positions (h, w) lie inside the grid.
+    """
+    TW: tl.constexpr = (W + 3) // 4
+    NUM_TILES: tl.constexpr = ((H + 3) // 4) * TW
+    SEQ: tl.constexpr = (P + H * W) * C
+    b = item // NUM_TILES
+    t = item % NUM_TILES
+    th = t // TW
+    tw = t % TW
+    tok_base = b.to(tl.int64) * SEQ
+    tile = tok_base + P * C + (th * 4 * W + tw * 4) * C + tile_off
+    h = th * 4 + ph
+    w = tw * 4 + pw
+    rows = ((h >= 1) & (h <= H), h < H, h + 1 < H)
+    cols = ((w >= 1) & (w <= W), w < W, w + 1 < W)
+    return b, t, th, tw, tok_base, tile, rows, cols
+
+
+@triton.jit
+def _load_shifted(tile_ptr, dh: tl.constexpr, dw: tl.constexpr, rows, cols, cmask,
+                  W: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr):
+    """The tile's tokens shifted by dh rows and dw columns (each -1, 0 or 1), zero outside the grid, in ACC."""
+    m = (rows[dh + 1] & cols[dw + 1])[:, None] & cmask
+    return tl.load(tile_ptr + (dh * W + dw) * C, mask=m, other=0.).to(ACC)
+
+
+@triton.jit
+def _copy_prefix(src_ptr, dst_ptr, t, tok_base, offs_c, mask_c, C: tl.constexpr, P: tl.constexpr):
+    """Prefix tokens pass through: the program of a batch element's first tile copies them from src to dst."""
+    if P > 0:
+        if t == 0:
+            for p in tl.static_range(P):
+                token = tl.load(src_ptr + tok_base + p * C + offs_c, mask=mask_c)
+                tl.store(dst_ptr + tok_base + p * C + offs_c, token.to(dst_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def _merge_welford(cnt, mean, m2):
+    """Merge the rows of (count, mean, M2) Welford states, (R, BLOCK_C) each, into one state per channel."""
+    merged_cnt = tl.reduce(cnt, 0, _SUM)
+    merged_mean = tl.reduce(cnt * mean, 0, _SUM) / tl.maximum(merged_cnt, 1.)
+    dev = mean - merged_mean[None, :]
+    return merged_cnt, merged_mean, tl.reduce(m2 + cnt * dev * dev, 0, _SUM)
 
 
 @triton.jit
@@ -57,20 +134,9 @@ def _tme_fwd_kernel(
     window of a tile's digest token is read as four 4x4 quadrants (rows and columns offset by -3 or +1), in the
     register layout of the tile itself.
     """
-    TW: tl.constexpr = (W + 3) // 4
-    NUM_TILES: tl.constexpr = ((H + 3) // 4) * TW
-    SEQ: tl.constexpr = (P + H * W) * C
+    NUM_TILES: tl.constexpr = ((H + 3) // 4) * ((W + 3) // 4)
     pid = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    if EVEN_C:
-        cmask = tl.full([1, BLOCK_C], 1, tl.int1)  # folded away by the compiler
-    else:
-        cmask = mask_c[None, :]
-    idx = tl.arange(0, 16)
-    ph = idx // 4
-    pw = idx % 4
-    tile_off = (ph * W + pw)[:, None] * C + offs_c[None, :]
+    offs_c, mask_c, cmask, ph, pw, tile_off = _tile_layout(W, C, BLOCK_C, EVEN_C)
     w3_ptrs = w3_ptr + offs_c
     if MERGE:
         # quadrant (a, b) of the window holds taps (ph + 4a, pw + 4b); tap row or column 7 does not exist
@@ -94,28 +160,18 @@ def _tme_fwd_kernel(
         scale = (bn_w / tl.sqrt(bn_var + eps))[None, :]
         shift = bn_b[None, :] - bn_mean[None, :] * scale
     for item in range(pid, num_items, num_progs):
-        b = item // NUM_TILES
-        t = item % NUM_TILES
-        th = t // TW
-        tw = t % TW
-        tok_base = b.to(tl.int64) * SEQ
-        tile = tok_base + P * C + (th * 4 * W + tw * 4) * C + tile_off
+        b, t, th, tw, tok_base, tile, rows, cols = _tile(item, ph, pw, tile_off, H, W, C, P)
         y_tile = y_ptr + tile
-        h = th * 4 + ph
-        w = tw * 4 + pw
-        rows = ((h >= 1) & (h <= H), h < H, h + 1 < H)  # rows h - 1, h, h + 1 inside the grid
-        cols = ((w >= 1) & (w <= W), w < W, w + 1 < W)
         acc = tl.full([16, BLOCK_C], 0, ACC)
         for dh in tl.static_range(3):
             for dw in tl.static_range(3):
-                m = (rows[dh] & cols[dw])[:, None] & cmask
-                v = tl.load(y_tile + ((dh - 1) * W + dw - 1) * C, mask=m, other=0.).to(ACC)
+                v = _load_shifted(y_tile, dh - 1, dw - 1, rows, cols, cmask, W, C, ACC)
                 k = tl.load(w3_ptrs + (dh * 3 + dw) * C, mask=mask_c, other=0.).to(ACC)
                 acc += v * k[None, :]
         if MERGE:
-            r0 = (h >= 3)[:, None]  # row h - 3 inside the grid (it is never past the end)
+            r0 = (th * 4 + ph >= 3)[:, None]  # row h - 3 inside the grid (it is never past the end)
             r1 = rows[2][:, None] & h_in
-            c0 = (w >= 3)[:, None]
+            c0 = (tw * 4 + pw >= 3)[:, None]
             c1 = cols[2][:, None] & w_in
             d = tl.load(y_tile - (3 * W + 3) * C, mask=r0 & c0 & cmask, other=0.).to(ACC) * w7_00
             d += tl.load(y_tile - (3 * W - 1) * C, mask=r0 & c1 & cmask, other=0.).to(ACC) * w7_01
@@ -135,17 +191,9 @@ def _tme_fwd_kernel(
             w_m2 += tl.where(valid, delta * (u - w_mean), 0.)
         else:
             tl.store(out_ptr + tile, (acc * scale + shift).to(out_ptr.dtype.element_ty), mask=valid & cmask)
-        if P > 0:
-            if t == 0:
-                for p in tl.static_range(P):
-                    token = tl.load(y_ptr + tok_base + p * C + offs_c, mask=mask_c)
-                    tl.store(out_ptr + tok_base + p * C + offs_c, token, mask=mask_c)
+        _copy_prefix(y_ptr, out_ptr, t, tok_base, offs_c, mask_c, C, P)
     if STATS:
-        w_cnt = tl.broadcast_to(w_cnt, [16, BLOCK_C])
-        cnt = tl.reduce(w_cnt, 0, _SUM)
-        mean = tl.reduce(w_cnt * w_mean, 0, _SUM) / tl.maximum(cnt, 1.)
-        dev = w_mean - mean[None, :]
-        m2 = tl.reduce(w_m2 + w_cnt * dev * dev, 0, _SUM)
+        cnt, mean, m2 = _merge_welford(tl.broadcast_to(w_cnt, [16, BLOCK_C]), w_mean, w_m2)
         part = part_ptr + pid * 3 * C + offs_c
         tl.store(part, cnt, mask=mask_c)
         tl.store(part + C, mean, mask=mask_c)
@@ -172,10 +220,7 @@ def _bn_stats_kernel(
         n_i = tl.load(base, mask=m, other=0.)
         mean_i = tl.load(base + C, mask=m, other=0.)
         m2_i = tl.load(base + 2 * C, mask=m, other=0.)
-        n_b = tl.reduce(n_i, 0, _SUM)
-        mean_b = tl.reduce(n_i * mean_i, 0, _SUM) / tl.maximum(n_b, 1.)
-        dev = mean_i - mean_b[None, :]
-        m2_b = tl.reduce(m2_i + n_i * dev * dev, 0, _SUM)
+        n_b, mean_b, m2_b = _merge_welford(n_i, mean_i, m2_i)
         n_ab = tl.maximum(cnt + n_b, 1.)
         delta = mean_b - mean
         mean += delta * (n_b / n_ab)
@@ -263,18 +308,8 @@ def _tme_bwd_kernel(
     TH: tl.constexpr = (H + 3) // 4
     TW: tl.constexpr = (W + 3) // 4
     NUM_TILES: tl.constexpr = TH * TW
-    SEQ: tl.constexpr = (P + H * W) * C
     pid = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    if EVEN_C:
-        cmask = tl.full([1, BLOCK_C], 1, tl.int1)  # folded away by the compiler
-    else:
-        cmask = mask_c[None, :]
-    idx = tl.arange(0, 16)
-    ph = idx // 4
-    pw = idx % 4
-    tile_off = (ph * W + pw)[:, None] * C + offs_c[None, :]
+    offs_c, mask_c, cmask, ph, pw, tile_off = _tile_layout(W, C, BLOCK_C, EVEN_C)
     w3_ptrs = w3_ptr + offs_c
     if EVAL:
         alpha = tl.load(alpha_ptr + offs_c, mask=mask_c, other=0.).to(ACC)
@@ -292,17 +327,8 @@ def _tme_bwd_kernel(
         w7_11 = tl.load(w7_ptrs - 32 * C, mask=h_up & w_up & cmask, other=0.).to(ACC)
         acc_w7 = (zero, zero, zero, zero)
     for item in range(pid, num_items, num_progs):
-        b = item // NUM_TILES
-        t = item % NUM_TILES
-        th = t // TW
-        tw = t % TW
-        tok_base = b.to(tl.int64) * SEQ
-        tile = tok_base + P * C + (th * 4 * W + tw * 4) * C + tile_off
+        b, t, th, tw, tok_base, tile, rows, cols = _tile(item, ph, pw, tile_off, H, W, C, P)
         g_tile = g_ptr + tile
-        h = th * 4 + ph
-        w = tw * 4 + pw
-        rows = ((h >= 1) & (h <= H), h < H, h + 1 < H)  # rows h - 1, h, h + 1 inside the grid
-        cols = ((w >= 1) & (w <= W), w < W, w + 1 < W)
         vmask = (rows[1] & cols[1])[:, None] & cmask
         y = tl.load(y_ptr + tile, mask=vmask, other=0.).to(ACC)
         dy = zero
@@ -310,8 +336,7 @@ def _tme_bwd_kernel(
         for dh in tl.static_range(3):
             for dw in tl.static_range(3):
                 # the gradient at q - s of the output that tap s maps this position q onto
-                m = (rows[2 - dh] & cols[2 - dw])[:, None] & cmask
-                g = tl.load(g_tile + ((1 - dh) * W + 1 - dw) * C, mask=m, other=0.).to(ACC)
+                g = _load_shifted(g_tile, 1 - dh, 1 - dw, rows, cols, cmask, W, C, ACC)
                 k = tl.load(w3_ptrs + (dh * 3 + dw) * C, mask=mask_c, other=0.).to(ACC)
                 if EVAL:
                     k = k * alpha
@@ -331,11 +356,7 @@ def _tme_bwd_kernel(
             dy += w7_00 * d00 + w7_01 * d01 + w7_10 * d10 + w7_11 * d11
             acc_w7 = (acc_w7[0] + y * d00, acc_w7[1] + y * d01, acc_w7[2] + y * d10, acc_w7[3] + y * d11)
         tl.store(dy_ptr + tile, dy.to(dy_ptr.dtype.element_ty), mask=vmask)
-        if P > 0:
-            if t == 0:
-                for p in tl.static_range(P):
-                    token = tl.load(g_ptr + tok_base + p * C + offs_c, mask=mask_c)
-                    tl.store(dy_ptr + tok_base + p * C + offs_c, token.to(dy_ptr.dtype.element_ty), mask=mask_c)
+        _copy_prefix(g_ptr, dy_ptr, t, tok_base, offs_c, mask_c, C, P)
 
     # partials in the weights' own (C, taps) layout, so that a sum over programs gives the gradient
     for k in tl.static_range(9):
@@ -381,21 +402,45 @@ def kernel_config(num_channels: int) -> KernelConfig:
     return KernelConfig(min(64, triton.next_power_of_2(num_channels)), 4, 8)
 
 
+class LaunchPlan(NamedTuple):
+    """A kernel launch: `grid` (programs along the work axis, channel blocks), `block_c` channels a block."""
+    num_progs: int
+    num_cblocks: int
+    block_c: int
+    num_warps: int
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return self.num_progs, self.num_cblocks
+
+
+def launch_plan(num_items: int, num_channels: int, sm_count: Optional[int], backward: bool = False) -> LaunchPlan:
+    """How a kernel is launched over `num_items` work items (4x4 tiles, or blocks of BLOCK_ROWS token rows) of
+    `num_channels` channels, on a GPU with `sm_count` SMs (None: under Triton's interpreter).
+
+    The channels go in blocks of `kernel_config`'s size. Along the work axis a few programs per SM, each looping over
+    items and keeping its partials: FWD_PROGRAMS_PER_SM, or BWD_PROGRAMS_PER_SM for the fused backward kernel
+    (`backward`, which also takes `kernel_config`'s backward warps); at most one per item, at least one. Under the
+    interpreter, whose cost is per program and per op rather than per element, a handful. Every launch of this
+    module is sized here; `benchmarks/traffic.py` reports the grids of a GPU from it.
+    """
+    block_c, fwd_warps, bwd_warps = kernel_config(num_channels)
+    num_cblocks = triton.cdiv(num_channels, block_c)
+    target = 8 if sm_count is None else (BWD_PROGRAMS_PER_SM if backward else FWD_PROGRAMS_PER_SM) * sm_count
+    num_progs = max(1, min(num_items, triton.cdiv(target, num_cblocks)))
+    return LaunchPlan(num_progs, num_cblocks, block_c, bwd_warps if backward else fwd_warps)
+
+
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _num_progs(num_items: int, num_cblocks: int, device: torch.device, per_sm: int) -> int:
-    """Programs along the work axis: a few per SM, each looping over tiles (or rows) and keeping its partials.
-
-    Under the interpreter, whose cost is per program and per op rather than per element, a handful.
-    """
-    if device.type == 'cuda':
-        target = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 8
-    return max(1, min(num_items, triton.cdiv(target, num_cblocks)))
+def _sm_count(device: torch.device) -> Optional[int]:
+    """The SMs of a CUDA device; None for CPU tensors, which run under the interpreter."""
+    if device.type != 'cuda':
+        return None
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _tap_major(weight: torch.Tensor) -> torch.Tensor:
@@ -403,7 +448,8 @@ def _tap_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1).t().contiguous()
 
 
-def _num_tiles(grid_h: int, grid_w: int) -> int:
+def num_tiles(grid_h: int, grid_w: int) -> int:
+    """4x4 tiles of a grid: the fused kernels' work items per image, and its digest tokens."""
     return math.ceil(grid_h / TILE) * math.ceil(grid_w / TILE)
 
 
@@ -418,73 +464,50 @@ def _check(y: torch.Tensor, grid_h: int, grid_w: int, num_prefix: int) -> None:
 
 
 def _launch_fwd(
-        y: torch.Tensor,
-        conv_weight: torch.Tensor,
-        merge_weight: Optional[torch.Tensor],
-        out: torch.Tensor,
-        bn: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-        eps: float,
-        grid_h: int,
-        grid_w: int,
-        num_prefix: int,
-        stats: bool,
+        y: torch.Tensor, conv_weight: torch.Tensor, merge_weight: Optional[torch.Tensor], out: torch.Tensor,
+        bn: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], eps: float,
+        grid_h: int, grid_w: int, num_prefix: int, stats: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run the fused forward kernel; returns the digests and, with stats, the (count, mean, M2) partials."""
     B, _, C = y.shape
-    block_c, num_warps, _ = kernel_config(C)
-    num_cblocks = triton.cdiv(C, block_c)
-    num_tiles = _num_tiles(grid_h, grid_w)
-    num_items = B * num_tiles
-    num_progs = _num_progs(num_items, num_cblocks, y.device, FWD_PROGRAMS_PER_SM)
-    digest = y.new_empty((B, num_tiles if merge_weight is not None else 0, C))
-    part = y.new_empty((num_progs, 3, C), dtype=_acc_dtype(y.dtype)) if stats else None
+    tiles = num_tiles(grid_h, grid_w)
+    num_items = B * tiles
+    plan = launch_plan(num_items, C, _sm_count(y.device))
+    digest = y.new_empty((B, tiles if merge_weight is not None else 0, C))
+    part = y.new_empty((plan.num_progs, 3, C), dtype=_acc_dtype(y.dtype)) if stats else None
     if num_items:
-        _tme_fwd_kernel[(num_progs, num_cblocks)](
+        _tme_fwd_kernel[plan.grid](
             y, _tap_major(conv_weight), _tap_major(merge_weight) if merge_weight is not None else conv_weight, *bn,
             out, digest, part if part is not None else out,
-            eps, num_items, num_progs,
+            eps, num_items, plan.num_progs,
             H=grid_h, W=grid_w, C=C, P=num_prefix,
-            BLOCK_C=block_c, EVEN_C=C % block_c == 0, MERGE=merge_weight is not None, STATS=stats,
-            ACC=_tl_acc(y.dtype), num_warps=num_warps,
+            BLOCK_C=plan.block_c, EVEN_C=C % plan.block_c == 0, MERGE=merge_weight is not None, STATS=stats,
+            ACC=_tl_acc(y.dtype), num_warps=plan.num_warps,
         )
     return digest, part
 
 
 def _launch_apply(
-        x: torch.Tensor,
-        u: Optional[torch.Tensor],
-        scale: torch.Tensor,
-        shift: torch.Tensor,
-        gamma: Optional[torch.Tensor],
-        center: Optional[torch.Tensor],
-        num_prefix: int,
+        x: torch.Tensor, u: Optional[torch.Tensor], scale: torch.Tensor, shift: torch.Tensor,
+        gamma: Optional[torch.Tensor], center: Optional[torch.Tensor], num_prefix: int,
 ) -> torch.Tensor:
     B, T, C = x.shape
     out = torch.empty_like(x)
-    block_c, num_warps, _ = kernel_config(C)
-    num_cblocks = triton.cdiv(C, block_c)
-    num_progs = _num_progs(triton.cdiv(B * T, BLOCK_ROWS), num_cblocks, x.device, FWD_PROGRAMS_PER_SM)
+    plan = launch_plan(triton.cdiv(B * T, BLOCK_ROWS), C, _sm_count(x.device))
     if B * T:
-        _bn_apply_kernel[(num_progs, num_cblocks)](
+        _bn_apply_kernel[plan.grid](
             x, u if u is not None else x, scale, shift, gamma if gamma is not None else scale,
-            center if center is not None else scale, out, B * T, T, C, num_prefix, num_progs,
-            BLOCK_R=BLOCK_ROWS, BLOCK_C=block_c, CENTERED=u is not None, ACC=_tl_acc(x.dtype), num_warps=num_warps)
+            center if center is not None else scale, out, B * T, T, C, num_prefix, plan.num_progs,
+            BLOCK_R=BLOCK_ROWS, BLOCK_C=plan.block_c, CENTERED=u is not None, ACC=_tl_acc(x.dtype),
+            num_warps=plan.num_warps)
     return out
 
 
 @torch.library.custom_op('timm_cabvit::tme_eval', mutates_args=())
 def tme_eval(
-        y: torch.Tensor,
-        conv_weight: torch.Tensor,
-        merge_weight: Optional[torch.Tensor],
-        bn_weight: torch.Tensor,
-        bn_bias: torch.Tensor,
-        bn_mean: torch.Tensor,
-        bn_var: torch.Tensor,
-        eps: float,
-        grid_h: int,
-        grid_w: int,
-        num_prefix: int,
+        y: torch.Tensor, conv_weight: torch.Tensor, merge_weight: Optional[torch.Tensor],
+        bn_weight: torch.Tensor, bn_bias: torch.Tensor, bn_mean: torch.Tensor, bn_var: torch.Tensor, eps: float,
+        grid_h: int, grid_w: int, num_prefix: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """TME with the BN on running statistics folded in: (enhanced tokens, digests (B, S, C), S = 0 without merge)."""
     _check(y, grid_h, grid_w, num_prefix)
@@ -498,21 +521,15 @@ def tme_eval(
 
 @tme_eval.register_fake
 def _tme_eval_fake(y, conv_weight, merge_weight, bn_weight, bn_bias, bn_mean, bn_var, eps, grid_h, grid_w, num_prefix):
-    num_digest = _num_tiles(grid_h, grid_w) if merge_weight is not None else 0
+    num_digest = num_tiles(grid_h, grid_w) if merge_weight is not None else 0
     return torch.empty_like(y), y.new_empty((y.shape[0], num_digest, y.shape[2]))
 
 
 @torch.library.custom_op('timm_cabvit::tme_train', mutates_args=())
 def tme_train(
-        y: torch.Tensor,
-        conv_weight: torch.Tensor,
-        merge_weight: Optional[torch.Tensor],
-        bn_weight: torch.Tensor,
-        bn_bias: torch.Tensor,
-        eps: float,
-        grid_h: int,
-        grid_w: int,
-        num_prefix: int,
+        y: torch.Tensor, conv_weight: torch.Tensor, merge_weight: Optional[torch.Tensor],
+        bn_weight: torch.Tensor, bn_bias: torch.Tensor, eps: float,
+        grid_h: int, grid_w: int, num_prefix: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """TME with BN on batch statistics: (enhanced tokens, digests, raw 3x3 output u, batch mean, biased variance).
 
@@ -525,17 +542,17 @@ def tme_train(
     digest, part = _launch_fwd(
         y, conv_weight, merge_weight, u, (bn_weight,) * 4, eps, grid_h, grid_w, num_prefix, stats=True)
     mean, var, scale, shift = (y.new_empty((C,), dtype=_acc_dtype(y.dtype)) for _ in range(4))
-    block_c, num_warps, _ = kernel_config(C)
-    _bn_stats_kernel[(triton.cdiv(C, block_c),)](
+    plan = launch_plan(1, C, None)  # one item, whatever the device: a program per channel block reads all partials
+    _bn_stats_kernel[(plan.num_cblocks,)](
         part, bn_weight, bn_bias, mean, var, scale, shift, eps, C, part.shape[0],
-        BLOCK_P=BLOCK_PARTS, BLOCK_C=block_c, ACC=_tl_acc(y.dtype), num_warps=num_warps)
+        BLOCK_P=BLOCK_PARTS, BLOCK_C=plan.block_c, ACC=_tl_acc(y.dtype), num_warps=plan.num_warps)
     z = _launch_apply(u, None, scale, shift, None, None, num_prefix)
     return z, digest, u, mean, var
 
 
 @tme_train.register_fake
 def _tme_train_fake(y, conv_weight, merge_weight, bn_weight, bn_bias, eps, grid_h, grid_w, num_prefix):
-    num_digest = _num_tiles(grid_h, grid_w) if merge_weight is not None else 0
+    num_digest = num_tiles(grid_h, grid_w) if merge_weight is not None else 0
     stats = y.new_empty((y.shape[2],), dtype=_acc_dtype(y.dtype))
     return (
         torch.empty_like(y), y.new_empty((y.shape[0], num_digest, y.shape[2])), torch.empty_like(y),
@@ -544,15 +561,9 @@ def _tme_train_fake(y, conv_weight, merge_weight, bn_weight, bn_bias, eps, grid_
 
 @torch.library.custom_op('timm_cabvit::tme_backward', mutates_args=())
 def tme_backward(
-        grad: torch.Tensor,
-        ddigest: Optional[torch.Tensor],
-        y: torch.Tensor,
-        conv_weight: torch.Tensor,
-        merge_weight: Optional[torch.Tensor],
-        alpha: Optional[torch.Tensor],
-        grid_h: int,
-        grid_w: int,
-        num_prefix: int,
+        grad: torch.Tensor, ddigest: Optional[torch.Tensor], y: torch.Tensor,
+        conv_weight: torch.Tensor, merge_weight: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
+        grid_h: int, grid_w: int, num_prefix: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of both convs: (dy, d conv_weight, d merge_weight, sum of grad over the grid tokens).
 
@@ -565,11 +576,10 @@ def tme_backward(
     y = y.contiguous()
     B, _, C = y.shape
     acc_dtype = _acc_dtype(y.dtype)
-    block_c, _, num_warps = kernel_config(C)
-    num_cblocks = triton.cdiv(C, block_c)
-    num_tiles = _num_tiles(grid_h, grid_w)
-    num_items = B * num_tiles
-    num_progs = _num_progs(num_items, num_cblocks, y.device, BWD_PROGRAMS_PER_SM)
+    tiles = num_tiles(grid_h, grid_w)
+    num_items = B * tiles
+    plan = launch_plan(num_items, C, _sm_count(y.device), backward=True)
+    num_progs = plan.num_progs
     merge = merge_weight is not None
     is_eval = alpha is not None
     new_part = torch.empty if num_items else torch.zeros  # every program stores its partials
@@ -577,18 +587,18 @@ def tme_backward(
     pw7 = new_part((num_progs, C, 49) if merge else (0,), device=y.device, dtype=acc_dtype)
     psum = new_part((num_progs, C) if is_eval else (0,), device=y.device, dtype=acc_dtype)
     if ddigest is None and merge:
-        ddigest = y.new_zeros((B, num_tiles, C))
+        ddigest = y.new_zeros((B, tiles, C))
     dy = torch.empty_like(y)
     if num_items:
-        _tme_bwd_kernel[(num_progs, num_cblocks)](
+        _tme_bwd_kernel[plan.grid](
             grad, ddigest.contiguous() if merge else grad, y,
             _tap_major(conv_weight), _tap_major(merge_weight) if merge else conv_weight,
             alpha if is_eval else conv_weight,
             dy, pw3, pw7, psum,
             num_items, num_progs,
             H=grid_h, W=grid_w, C=C, P=num_prefix,
-            BLOCK_C=block_c, EVEN_C=C % block_c == 0, MERGE=merge, EVAL=is_eval, ACC=_tl_acc(y.dtype),
-            num_warps=num_warps,
+            BLOCK_C=plan.block_c, EVEN_C=C % plan.block_c == 0, MERGE=merge, EVAL=is_eval, ACC=_tl_acc(y.dtype),
+            num_warps=plan.num_warps,
         )
     d_conv = pw3.sum(0).view(conv_weight.shape)
     d_merge = pw7.sum(0).view(merge_weight.shape).to(merge_weight.dtype) if merge else pw7
@@ -606,29 +616,20 @@ def _tme_backward_fake(grad, ddigest, y, conv_weight, merge_weight, alpha, grid_
 
 @torch.library.custom_op('timm_cabvit::tme_bn_backward', mutates_args=())
 def tme_bn_backward(
-        dz: torch.Tensor,
-        u: torch.Tensor,
-        mean: torch.Tensor,
-        var: torch.Tensor,
-        bn_weight: torch.Tensor,
-        eps: float,
-        grid_h: int,
-        grid_w: int,
-        num_prefix: int,
+        dz: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, bn_weight: torch.Tensor, eps: float,
+        grid_h: int, grid_w: int, num_prefix: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchNorm backward on batch statistics: (du (prefix tokens carry dz), d bn_weight, d bn_bias)."""
     dz = dz.contiguous()
     B, _, C = u.shape
     num_rows = B * grid_h * grid_w
     acc_dtype = _acc_dtype(u.dtype)
-    block_c, num_warps, _ = kernel_config(C)
-    num_cblocks = triton.cdiv(C, block_c)
-    num_progs = _num_progs(triton.cdiv(num_rows, BLOCK_ROWS), num_cblocks, u.device, FWD_PROGRAMS_PER_SM)
-    part = (torch.empty if num_rows else torch.zeros)((num_progs, 2, C), device=u.device, dtype=acc_dtype)
+    plan = launch_plan(triton.cdiv(num_rows, BLOCK_ROWS), C, _sm_count(u.device))
+    part = (torch.empty if num_rows else torch.zeros)((plan.num_progs, 2, C), device=u.device, dtype=acc_dtype)
     if num_rows:
-        _bn_bwd_reduce_kernel[(num_progs, num_cblocks)](
-            dz, u, mean, part, num_rows, grid_h * grid_w, C, num_prefix, num_progs,
-            BLOCK_R=BLOCK_ROWS, BLOCK_C=block_c, ACC=_tl_acc(u.dtype), num_warps=num_warps)
+        _bn_bwd_reduce_kernel[plan.grid](
+            dz, u, mean, part, num_rows, grid_h * grid_w, C, num_prefix, plan.num_progs,
+            BLOCK_R=BLOCK_ROWS, BLOCK_C=plan.block_c, ACC=_tl_acc(u.dtype), num_warps=plan.num_warps)
     sum_dz, sum_dzu = part.sum(0)
     # du = alpha * (dz - sum_dz / n - (u - mean) * rstd^2 * sum_dzu / n), alpha = weight * rstd
     rstd = (var + eps).rsqrt()
