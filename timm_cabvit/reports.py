@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, TypedDict
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypedDict
 
 import timm
 import torch
@@ -23,7 +23,7 @@ import torch
 from .flops import COMPONENTS, count_flops, flops_by_component
 
 __all__ = [
-    'PAPER', 'PAPER_EXTRA_COMPUTE', 'PAPER_TABLE4', 'ablation_ladder', 'ablation_table', 'flops_report',
+    'PAPER', 'PAPER_EXTRA_COMPUTE', 'PAPER_TABLE4', 'Timing', 'ablation_ladder', 'ablation_table', 'flops_report',
     'flops_table', 'load_note', 'measure_throughput', 'models_table', 'save_flops_plot',
 ]
 
@@ -79,16 +79,19 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def measure_throughput(
-        model: torch.nn.Module,
-        batch_size: int,
-        img_size: Tuple[int, int],
-        device: torch.device,
-        warmup: int,
-        iters: int,
-        progress: Any = None,
-) -> List[float]:
-    """Images/s of each of `iters` timed inference passes over random images, after `warmup` untimed ones."""
+class Timing(NamedTuple):
+    """How inference speed is measured: `iters` timed passes of a batch of `batch_size` random images of `img_size`
+    on `device`, after `warmup` untimed ones."""
+    batch_size: int
+    img_size: Tuple[int, int]
+    device: torch.device
+    warmup: int
+    iters: int
+
+
+def measure_throughput(model: torch.nn.Module, timing: Timing, progress: Any = None) -> List[float]:
+    """Images/s of each timed inference pass of `model` (on `timing.device`) over random images."""
+    batch_size, img_size, device, warmup, iters = timing
     x = torch.randn(batch_size, model.in_chans, *img_size, device=device)
     rates = []
     with torch.inference_mode():
@@ -125,21 +128,15 @@ def _fmt(value: Optional[float], width: int, suffix: str = '') -> str:
     return format('-' if value is None else f'{value:.1f}{suffix}', f'>{width}')
 
 
-def models_table(
-        model_names: Sequence[str],
-        batch_size: int,
-        img_size: Tuple[int, int],
-        device: torch.device,
-        warmup: int,
-        iters: int,
-        progress: Any = None,
-) -> List[str]:
+def models_table(model_names: Sequence[str], timing: Timing, progress: Any = None) -> List[str]:
     """Rows of the overview table: our parameters and FLOPs, the paper's figures, and measured images/s.
 
-    The speed is the median over `iters` timed forward passes of a batch of random images (after `warmup` untimed
-    ones), with the slowest and fastest pass beside it. A last row notes a machine that was loaded (its 1-minute
-    load average above its CPU count, before or after measuring). `progress` advances once per pass.
+    The models are built for `timing.img_size`. The speed is the median over the timed forward passes of a batch
+    of random images (after the untimed ones), with the slowest and fastest pass beside it. A last row notes a
+    machine that was loaded (its 1-minute load average above its CPU count, before or after measuring).
+    `progress` advances once per pass.
     """
+    batch_size, img_size, device, warmup, iters = timing
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'
     header = (f"{'model':<12} {'params':>11} {'GFLOPs':>7} | {'paper params':>12} {'paper GFLOPs':>12} "
               f"{'paper top-1':>11} | {'img/s':>7} {'min-max':>13}")
@@ -151,7 +148,7 @@ def models_table(
         _working_on(progress, name)
         model = timm.create_model(name, img_size=img_size).eval()
         gflops = count_flops(model, img_size) / 1e9
-        rates = measure_throughput(model.to(device), batch_size, img_size, device, warmup, iters, progress)
+        rates = measure_throughput(model.to(device), timing, progress)
         paper = PAPER.get(name) or {}
         spread = f'{min(rates):.1f}-{max(rates):.1f}'
         rows.append(

@@ -5,10 +5,11 @@ Commands: `flops` (parameters and FLOPs by component), `ablation` (the paper's T
 (attention maps, the paper's Fig. 6), `recipe` (a training recipe for timm's train.py), `export` and `push`
 (weights in the Hub layout timm reads, and their upload), `export-onnx` (ONNX, checked with ONNX Runtime).
 
-This module is the whole command line: the parser, one function per command (`set_defaults(func=...)`) and the
-exit-code policy in `main`. It is a package of its own, beside `timm_cabvit`, because importing `timm_cabvit`
-imports timm and torch to register the models (seconds on a small machine): the parser needs only the standard
-library, so `--help` and usage errors answer at once, and each command imports what it uses when it runs.
+This module is the whole command line: the parser, one function per command (`set_defaults(func=...)`, its
+docstring the command's --help description) and the exit-code policy in `main`. It is a package of its own, beside
+`timm_cabvit`, because importing `timm_cabvit` imports timm and torch to register the models (seconds on a small
+machine): the parser needs only the standard library, so `--help` and usage errors answer at once, and each command
+imports what it uses when it runs.
 
 Exit codes: 0 success; 2 a command line that cannot work as written (argparse's errors, an unknown model, an
 option value out of range, an output path that cannot be written); 1 a failure while running (a checkpoint or
@@ -208,14 +209,19 @@ def run_table(args: argparse.Namespace) -> None:
 
     names = _models(args.models or timm.list_models('cabvit*'), args.img_size)
     device = _timing_device(args.device)
-    from timm_cabvit.reports import models_table
+    from timm_cabvit.reports import Timing, models_table
 
+    timing = Timing(args.batch_size, args.img_size, device, args.warmup, args.iters)
     with _progress(len(names) * (args.warmup + args.iters), 'measuring', 'pass') as progress:
-        rows = models_table(names, args.batch_size, args.img_size, device, args.warmup, args.iters, progress)
+        rows = models_table(names, timing, progress)
     print('\n'.join(rows))
 
 
 def run_flops(args: argparse.Namespace) -> None:
+    """Parameters and fvcore FLOPs of each component (stem, ConvNeXt blocks, downsampling, attention with its
+    digest keys, TME, FFN, head) - the paper's Fig. 5 decomposition for whole models - beside the same model with
+    cross-block attention switched off.
+    """
     names = _models(args.models, args.img_size)
     plot = _output_file(args.plot, '--plot', 'flops.png') if args.plot else None
     import json
@@ -234,6 +240,9 @@ def run_flops(args: argparse.Namespace) -> None:
 
 
 def run_ablation(args: argparse.Namespace) -> None:
+    """Parameters and FLOPs of a model as the ideas of the paper are switched on one at a time (model arguments
+    cross_block and digest_scale), beside the increments of the paper's Table 4 and its "about 13 % extra compute".
+    """
     (name,) = _models([args.model], args.img_size)
     import json
 
@@ -245,6 +254,9 @@ def run_ablation(args: argparse.Namespace) -> None:
 
 
 def run_attention(args: argparse.Namespace) -> None:
+    """The softmax attention of chosen CabViT blocks for one image (queries x [tokens; digests]), the digest-token
+    columns in a red box, as in the paper's Fig. 6. Random weights (no --checkpoint) give near-uniform maps.
+    """
     (name,) = _models([args.model], args.img_size)
     out = _output_file(args.out, '--out', 'attention.png')
     if not Path(args.image).is_file():
@@ -270,6 +282,9 @@ def recipe_path(model_name: str) -> Path:
 
 
 def run_recipe(args: argparse.Namespace) -> None:
+    """Print the paper's ImageNet training recipe of a model as a YAML config for timm's train.py (train.py -c
+    FILE), or with --path where the file is.
+    """
     try:
         path = recipe_path(args.model)
     except ValueError as e:
@@ -278,6 +293,10 @@ def run_recipe(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    """Write the Hub layout timm reads (config.json, model.safetensors, a README.md model card) from a checkpoint:
+    our own state dict, a timm train.py checkpoint or the authors' reference layout. The weights are loaded
+    strictly; nothing is exported partially.
+    """
     (name,) = _models([args.model], args.img_size)
     from timm_cabvit import hub
 
@@ -292,6 +311,9 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_push(args: argparse.Namespace) -> None:
+    """Upload a folder written by `timm-cabvit export` to a Hub model repo, creating the repo if needed. Log in
+    first with `hf auth login` or set HF_TOKEN.
+    """
     from timm_cabvit import hub
 
     print(hub.push(args.dir, args.repo_id, token=args.token, private=args.private, revision=args.revision,
@@ -299,6 +321,12 @@ def run_push(args: argparse.Namespace) -> None:
 
 
 def run_export_onnx(args: argparse.Namespace) -> None:
+    """Export a model to ONNX (BatchNorm folded, dynamic batch) and check it: ONNX Runtime against PyTorch on
+    random images of batch 1 and 3 (max abs difference < 1e-4, printed also relative to the largest output).
+    Without --checkpoint the weights are random and their BatchNorm statistics are calibrated on random images
+    first, so that the outputs compared do not vanish. The image size is fixed: the attention bias tables are sized
+    for it. Needs pip install "timm-cabvit[onnx]".
+    """
     (name,) = _models([args.model], args.img_size)
     import torch
 
@@ -336,6 +364,14 @@ def run_export_onnx(args: argparse.Namespace) -> None:
 
 # The parser
 
+def _command(commands: Any, name: str, func: Any, help: str, parents: Sequence[argparse.ArgumentParser] = ()
+             ) -> argparse.ArgumentParser:
+    """The sub-parser of command `name`, run by `func(args)`; its --help description is `func`'s docstring."""
+    command = commands.add_parser(name, parents=list(parents), help=help, description=func.__doc__)
+    command.set_defaults(func=func)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser: one sub-parser per command, each with `func` (and `command`) as defaults."""
     measured_size = _img_size_option(
@@ -366,32 +402,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(func=run_table, command=None)
     commands = parser.add_subparsers(dest='command', metavar='COMMAND')
 
-    flops = commands.add_parser(
-        'flops', parents=[measured_size, as_json],
-        help='parameters and FLOPs by component, and the cost of cross-block attention',
-        description="Parameters and fvcore FLOPs of each component (stem, ConvNeXt blocks, downsampling, "
-                    "attention with its digest keys, TME, FFN, head) - the paper's Fig. 5 decomposition for "
-                    "whole models - beside the same model with cross-block attention switched off.")
+    flops = _command(
+        commands, 'flops', run_flops, parents=[measured_size, as_json],
+        help='parameters and FLOPs by component, and the cost of cross-block attention')
     flops.add_argument('models', nargs='*', default=['cabvit_h_l1', 'cabvit_h_l2'], metavar='MODEL',
                        help='models (default: cabvit_h_l1 cabvit_h_l2)')
     flops.add_argument('--plot', metavar='PNG', help='also write a bar chart of the decomposition to this file')
-    flops.set_defaults(func=run_flops)
 
-    ablation = commands.add_parser(
-        'ablation', parents=[measured_size, as_json],
-        help="the paper's ablation ladder (Table 4): parameters and FLOPs as each idea is added",
-        description="Parameters and FLOPs of a model as the ideas of the paper are switched on one at a time "
-                    "(model arguments cross_block and digest_scale), beside the increments of the paper's "
-                    'Table 4 and its "about 13 % extra compute".')
+    ablation = _command(
+        commands, 'ablation', run_ablation, parents=[measured_size, as_json],
+        help="the paper's ablation ladder (Table 4): parameters and FLOPs as each idea is added")
     ablation.add_argument('model', nargs='?', default='cabvit_h_l1', help='model (default: %(default)s)')
-    ablation.set_defaults(func=run_ablation)
 
-    attention = commands.add_parser(
-        'attention', parents=[built_size, checkpoint],
-        help='draw the attention maps of chosen blocks, digest-token columns marked, as a PNG',
-        description="The softmax attention of chosen CabViT blocks for one image (queries x [tokens; digests]), "
-                    "the digest-token columns in a red box, as in the paper's Fig. 6. Random weights (no "
-                    "--checkpoint) give near-uniform maps.")
+    attention = _command(
+        commands, 'attention', run_attention, parents=[built_size, checkpoint],
+        help='draw the attention maps of chosen blocks, digest-token columns marked, as a PNG')
     attention.add_argument('image', help='image file (JPEG, PNG, ...)')
     attention.add_argument('--model', required=True, metavar='NAME', help='CabViT model, e.g. cabvit_h_l1')
     attention.add_argument('--blocks', nargs='+', metavar='NAME',
@@ -399,23 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 'stage 4; CabViT-P: blocks.1 blocks.3 blocks.5 blocks.11)')
     attention.add_argument('--out', default='attention.png', metavar='PNG',
                            help='file to write, its folder created if needed (default: %(default)s)')
-    attention.set_defaults(func=run_attention)
 
-    recipe = commands.add_parser(
-        'recipe', help="print a model's ImageNet training recipe for timm's train.py",
-        description="Print the paper's ImageNet training recipe of a model as a YAML config for timm's train.py "
-                    '(train.py -c FILE), or with --path where the file is.')
+    recipe = _command(
+        commands, 'recipe', run_recipe, help="print a model's ImageNet training recipe for timm's train.py")
     recipe.add_argument('model', help='model name, e.g. cabvit_h_l2')
     recipe.add_argument('--path', action='store_true', help='print the path of the YAML file instead of its text')
-    recipe.set_defaults(func=run_recipe)
 
-    export = commands.add_parser(
-        'export', parents=[_img_size_option(
+    export = _command(
+        commands, 'export', run_export, parents=[_img_size_option(
             None, 'training input size, when not a square one readable from the checkpoint')],
-        help='write a checkpoint as config.json, model.safetensors and README.md for the Hub',
-        description="Write the Hub layout timm reads (config.json, model.safetensors, a README.md model card) "
-                    "from a checkpoint: our own state dict, a timm train.py checkpoint or the authors' "
-                    "reference layout. The weights are loaded strictly; nothing is exported partially.")
+        help='write a checkpoint as config.json, model.safetensors and README.md for the Hub')
     export.add_argument('checkpoint', help='checkpoint file (.pth, .pth.tar, .bin or .safetensors)')
     export.add_argument('--model', required=True, metavar='NAME',
                         help='CabViT model, optionally with its tag, e.g. cabvit_h_l2.in1k')
@@ -423,29 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument('--metric', action='append', default=[], metavar='NAME=VALUE',
                         help='evaluation result for the model card, e.g. top1=83.0 (repeatable)')
     export.add_argument('--repo-id', metavar='ORG/NAME', help="the Hub repo it is for (default: the tag's)")
-    export.set_defaults(func=run_export)
 
-    onnx = commands.add_parser(
-        'export-onnx', parents=[built_size, checkpoint],
-        help='export a model to ONNX and check it against PyTorch with ONNX Runtime',
-        description='Export a model to ONNX (BatchNorm folded, dynamic batch) and check it: ONNX Runtime against '
-                    'PyTorch on random images of batch 1 and 3 (max abs difference < 1e-4, printed also relative '
-                    "to the largest output). Without --checkpoint the weights are random and their BatchNorm "
-                    'statistics are calibrated on random images first, so that the outputs compared do not '
-                    'vanish. The image size is fixed: the attention bias tables are sized for it. Needs '
-                    'pip install "timm-cabvit[onnx]".')
+    onnx = _command(
+        commands, 'export-onnx', run_export_onnx, parents=[built_size, checkpoint],
+        help='export a model to ONNX and check it against PyTorch with ONNX Runtime')
     onnx.add_argument('model', metavar='NAME', help='model name, e.g. cabvit_h_l2')
     onnx.add_argument('out', metavar='OUT.onnx', help='ONNX file to write, its folder created if needed')
     onnx.add_argument('--opset', type=int, default=18,
                       help='ONNX opset, from 17 to the newest the installed torch exports (default: %(default)s)')
     onnx.add_argument('--no-reparam', action='store_true',
                       help='export without folding the BatchNorms into the convolutions')
-    onnx.set_defaults(func=run_export_onnx)
 
-    push = commands.add_parser(
-        'push', help='upload an exported folder to a Hugging Face Hub model repo',
-        description='Upload a folder written by `timm-cabvit export` to a Hub model repo, creating the repo if '
-                    'needed. Log in first with `hf auth login` or set HF_TOKEN.')
+    push = _command(commands, 'push', run_push, help='upload an exported folder to a Hugging Face Hub model repo')
     push.add_argument('dir', help='folder written by timm-cabvit export')
     push.add_argument('--repo-id', required=True, metavar='ORG/NAME', help='model repo to upload to')
     push.add_argument('--token', help='Hub token with write access (default: the logged-in one)')
@@ -453,7 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument('--revision', help='branch to commit to')
     push.add_argument('--create-pr', action='store_true', help='open a pull request instead of committing')
     push.add_argument('--commit-message', default='Add CabViT weights', help='commit message')
-    push.set_defaults(func=run_push)
     return parser
 
 
