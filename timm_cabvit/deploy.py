@@ -347,14 +347,9 @@ def export_onnx(
 
 
 def export_program(
-        model_or_name: ModelOrName,
-        img_size: Optional[ImgSize] = None,
-        path: Optional[PathLike] = None,
-        dynamic_batch: bool = True,
-        reparameterize: bool = True,
-        check: bool = True,
-        checkpoint: Optional[PathLike] = None,
-        atol: float = ATOL,
+        model_or_name: ModelOrName, img_size: Optional[ImgSize] = None, path: Optional[PathLike] = None,
+        dynamic_batch: bool = True, reparameterize: bool = True, check: bool = True,
+        checkpoint: Optional[PathLike] = None, atol: float = ATOL,
 ) -> Dict[str, Any]:
     """Export a model with `torch.export.export`, fixed image size and, by default, a dynamic batch, and check it.
 
@@ -387,13 +382,8 @@ def export_program(
 
 
 def export_torchscript(
-        model_or_name: ModelOrName,
-        img_size: Optional[ImgSize] = None,
-        path: Optional[PathLike] = None,
-        reparameterize: bool = True,
-        check: bool = True,
-        checkpoint: Optional[PathLike] = None,
-        atol: float = ATOL,
+        model_or_name: ModelOrName, img_size: Optional[ImgSize] = None, path: Optional[PathLike] = None,
+        reparameterize: bool = True, check: bool = True, checkpoint: Optional[PathLike] = None, atol: float = ATOL,
 ) -> Dict[str, Any]:
     """Script a model with `torch.jit.script`, save it (to `path`, else to memory), load it back and check it.
 
