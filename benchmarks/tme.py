@@ -32,7 +32,7 @@ from bench_utils import (
 )
 
 import timm_cabvit  # noqa: F401  registers the models
-from timm_cabvit.cabvit import TokenMergeEnhance
+from timm_cabvit.tme import TokenMergeEnhance
 
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
 

@@ -13,7 +13,6 @@ ARCHITECTURE.md in the repository states the function precisely and maps the pac
 The position biases, depth biases and digest scales are tables over token grids, sized for the model's
 `img_size` as in timm's LeViT; `set_input_size()` and checkpoint loading resample them for another size.
 """
-import importlib.util
 import math
 import os
 from contextlib import nullcontext
@@ -56,54 +55,19 @@ from .layers import (
     FoldableConvNormAct,
     GridPosBias,
     batchnorm_momentum,
-    channels_last_parameter,
     check_img_size,
     check_input,
     resized_parameter,
 )
+from .tme import TokenMergeEnhance, set_tme_impl
 
-__all__ = ['CabViT', 'CabViTPlain', 'CabViTBlock', 'get_tme_impl', 'set_tme_impl']
+__all__ = ['CabViT', 'CabViTPlain', 'CabViTBlock']
 
 Grid = Tuple[int, int]
 
-MERGE_STRIDE = 4
-HAS_TRITON = importlib.util.find_spec('triton') is not None
-TME_IMPLS = ('auto', 'triton', 'torch')
-
-_TME_IMPL = os.environ.get('TIMM_CABVIT_TME', 'auto')
-
-
-def _check_tme_impl(impl: str) -> str:
-    if impl not in TME_IMPLS:
-        raise ValueError(
-            f"TME implementation (TIMM_CABVIT_TME, set_tme_impl) must be 'auto', 'triton' or 'torch', got '{impl}'")
-    return impl
-
-
-def get_tme_impl() -> str:
-    """The TME implementation of modules that were not given their own: TIMM_CABVIT_TME, or `set_tme_impl`'s."""
-    return _check_tme_impl(_TME_IMPL)
-
-
-def set_tme_impl(impl: str, model: Optional[nn.Module] = None) -> None:
-    """Select the TME implementation: 'auto' (Triton for CUDA tensors), 'triton' (fused kernel) or 'torch'.
-
-    As timm's `set_fused_attn`, one setting for every model, read at forward time; with `model`, only for the
-    TME modules of that model, overriding the setting.
-    """
-    global _TME_IMPL
-    _check_tme_impl(impl)
-    if model is None:
-        _TME_IMPL = impl
-        return
-    for module in model.modules():
-        if isinstance(module, TokenMergeEnhance):
-            module.set_impl(impl)
-
-
 def digest_grid_size(grid_size: Grid) -> Grid:
     """Grid of digest tokens left by one block: the 7x7 stride-4 merge conv (pad 3) gives ceil(H/4) x ceil(W/4)."""
-    return (grid_size[0] + 3) // 4, (grid_size[1] + 3) // 4  # MERGE_STRIDE, as a literal for TorchScript
+    return (grid_size[0] + 3) // 4, (grid_size[1] + 3) // 4  # tme.MERGE_STRIDE, a literal for TorchScript
 
 
 class RelativeDepthBias(nn.Module):
@@ -297,93 +261,6 @@ class CrossBlockAttention(nn.Module):
             x = attn @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
-
-
-class TokenMergeEnhance(nn.Module):
-    """TME: a depthwise 7x7 stride-4 conv merges the tokens into digests; a depthwise 3x3 conv + BN enhances them.
-
-    The enhanced map replaces the input (no residual). Prefix tokens (a class token) bypass both branches.
-    `enhance=False` leaves the enhance branch out (the paper's ablation without it).
-
-    Two implementations compute it: the PyTorch one in `forward`, the reference and all that TorchScript and FX
-    tracing see, and a fused Triton kernel (`tme_triton`) that works on the tokens in place. `tme_impl` picks one:
-    'torch', 'triton', 'auto' (Triton for CUDA tensors when Triton is installed), or None for the module-level
-    setting (`set_tme_impl`, from the environment variable TIMM_CABVIT_TME, default 'auto').
-    """
-    tme_impl: Optional[str]
-
-    def __init__(
-            self,
-            dim: int,
-            grid_size: Grid,
-            merge: bool = True,
-            enhance: bool = True,
-            num_prefix_tokens: int = 0,
-            device=None,
-            dtype=None,
-    ):
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.grid_size = grid_size
-        self.num_prefix_tokens = num_prefix_tokens
-        self.merge = nn.Conv2d(
-            dim, dim, 7, stride=MERGE_STRIDE, padding=3, groups=dim, bias=False, **dd) if merge else None
-        self.enhance = FoldableConvNormAct(
-            dim, dim, 3, padding=1, groups=dim, apply_act=False, **dd) if enhance else None
-        for conv in (self.merge, self.enhance.conv if enhance else None):
-            if conv is not None:
-                conv.weight = channels_last_parameter(conv.weight)
-        self.tme_impl = None
-
-    @torch.jit.ignore
-    def set_impl(self, impl: Optional[str]) -> None:
-        """This module's implementation: 'auto', 'triton', 'torch', or None for the module-level setting."""
-        self.tme_impl = impl if impl is None else _check_tme_impl(impl)
-
-    def set_grid_size(self, grid_size: Grid) -> None:
-        self.grid_size = grid_size
-
-    def remove_merge(self) -> None:
-        """Drop the merge branch: a block whose digests no later block reads (DDP wants every parameter used)."""
-        self.merge = None
-
-    @torch.jit.unused
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        """Triton when asked for, or for 'auto' on CUDA tensors with Triton installed; never for FX proxies.
-
-        The kernel computes conv and BatchNorm itself, so a TME without its enhance branch, or with the BatchNorm
-        already folded (`timm.utils.reparameterize_model`), runs the PyTorch path.
-        """
-        impl = _check_tme_impl(self.tme_impl) if self.tme_impl is not None else get_tme_impl()
-        if impl == 'torch' or isinstance(x, torch.fx.Proxy) or not isinstance(self.enhance, FoldableConvNormAct):
-            return False
-        return impl == 'triton' or (x.is_cuda and HAS_TRITON)
-
-    @torch.jit.unused
-    def _forward_triton(self, x: torch.Tensor, grid_size: Grid) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        from .tme_triton import token_merge_enhance  # on first use: importing it defines the Triton kernels
-
-        return token_merge_enhance(
-            x, self.enhance.conv.weight, self.merge.weight if self.merge is not None else None, self.enhance.bn,
-            grid_size, self.num_prefix_tokens)
-
-    def forward(
-            self, x: torch.Tensor, grid_size: Optional[Grid] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Enhanced tokens and digests of tokens on `grid_size` (the module's own grid if None)."""
-        grid = self.grid_size if grid_size is None else grid_size
-        if not torch.jit.is_scripting() and self._use_triton(x):
-            return self._forward_triton(x, grid)
-        B, N, C = x.shape
-        prefix, tokens = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
-        x_map = tokens.transpose(1, 2).reshape(B, C, grid[0], grid[1])
-        digest = self.merge(x_map).flatten(2).transpose(1, 2) if self.merge is not None else None
-        if self.enhance is None:
-            return x, digest
-        x = self.enhance(x_map).flatten(2).transpose(1, 2)
-        if self.num_prefix_tokens:
-            x = torch.cat([prefix, x], dim=1)
-        return x, digest
 
 
 class PreNormMlp(Mlp):
