@@ -24,26 +24,26 @@ def fresh_env(request, tmp_path_factory):
     return FreshEnv(tmp_path_factory.mktemp(request.param), editable=request.param == 'editable')
 
 
-def test_import_timm_registers_the_models(fresh_env):
-    out = fresh_env.run(
-        'import sys\n'
-        'assert "torch" not in sys.modules and "timm" not in sys.modules\n'
-        'import timm\n'
-        'model = timm.create_model("cabvit_h_l1")\n'
-        'print(" ".join(timm.list_models("cabvit*")), type(model).__module__)').stdout
-    assert out.split() == ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0', 'timm_cabvit.cabvit']
-
-
-def test_asking_whether_timm_is_installed_keeps_the_hook(fresh_env):
-    """transformers calls importlib.util.find_spec('timm') on import, long before it imports timm."""
+def test_import_timm_registers_the_models(fresh_env, tmp_path):
+    """`import timm` registers the models, also after `importlib.util.find_spec('timm')` (transformers asks so
+    on import, long before it imports timm), and a Hub config naming a CabViT architecture resolves, as timm loads
+    `hf-hub:` repos (here a local folder). One interpreter for all three: each start costs seconds."""
+    (tmp_path / 'config.json').write_text(json.dumps({
+        'architecture': 'cabvit_h_l1', 'num_classes': 3,
+        'pretrained_cfg': {'input_size': [3, 224, 224], 'mean': [0.5] * 3, 'std': [0.5] * 3}}))
     out = fresh_env.run(
         'import importlib.util, sys\n'
+        'assert "torch" not in sys.modules and "timm" not in sys.modules\n'
         'assert importlib.util.find_spec("timm") and importlib.util.find_spec("timm")\n'
         'assert "timm" not in sys.modules\n'
         'import timm\n'
-        'print(" ".join(timm.list_models("cabvit*")))\n'
-        'print(sum(type(f).__name__ == "TimmImportFinder" for f in sys.meta_path))').stdout
-    assert out.split() == ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0', '0']
+        'model = timm.create_model("cabvit_h_l1")\n'
+        'print(" ".join(timm.list_models("cabvit*")), type(model).__module__)\n'
+        'print(sum(type(f).__name__ == "TimmImportFinder" for f in sys.meta_path))\n'
+        f'model = timm.create_model("local-dir:{tmp_path}", pretrained=False)\n'
+        'print(type(model).__name__, model.num_classes)').stdout
+    assert out.split() == [
+        'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0', 'timm_cabvit.cabvit', '0', 'CabViT', '3']
 
 
 def test_opt_out_and_start_up_footprint(fresh_env):
@@ -56,19 +56,8 @@ def test_opt_out_and_start_up_footprint(fresh_env):
                          env={'TIMM_CABVIT_AUTOLOAD': '0'}).stdout.strip() == '[]'
 
 
-def test_hf_hub_style_config_resolves(fresh_env, tmp_path):
-    """A Hub config naming a CabViT architecture, loaded as timm loads `hf-hub:` repos (here a local folder)."""
-    (tmp_path / 'config.json').write_text(json.dumps({
-        'architecture': 'cabvit_h_l1', 'num_classes': 3,
-        'pretrained_cfg': {'input_size': [3, 224, 224], 'mean': [0.5] * 3, 'std': [0.5] * 3}}))
-    out = fresh_env.run(
-        'import sys, timm\n'
-        f'model = timm.create_model("local-dir:{tmp_path}", pretrained=False)\n'
-        'print(type(model).__name__, model.num_classes)').stdout
-    assert out.split() == ['CabViT', '3']
-
-
-def test_two_training_steps_and_eval_with_timm_factories(fresh_env, tmp_path):
+def test_two_training_steps_and_eval_with_timm_factories(tmp_path):
+    """Training needs one install kind: the wheel's registration is the editable one's (tested above)."""
     from PIL import Image
     generator = torch.Generator().manual_seed(0)
     for split in ('train', 'val'):
@@ -108,7 +97,7 @@ with torch.no_grad():
     top1 = [accuracy(model(images), labels, topk=(1,))[0].item() for images, labels in evaluation]
 print(json.dumps(dict(losses=losses, top1=top1)))
 '''
-    result = json.loads(fresh_env.run(code).stdout)
+    result = json.loads(FreshEnv(tmp_path / 'env', editable=True).run(code).stdout)
     losses = result['losses']
     assert all(map(lambda v: v == v and abs(v) < 1e3, losses)), losses
     assert losses[0] > losses[1] > losses[2], losses

@@ -43,8 +43,9 @@ def test_other_size_equals_the_resampled_fixed_model(fixed_and_dynamic):
         torch.testing.assert_close(dynamic(x), resampled(x), rtol=0, atol=0)
 
 
-def test_one_instance_runs_every_size(fixed_and_dynamic):
-    _, dynamic = fixed_and_dynamic
+@pytest.mark.parametrize('model_name', ['cabvit_h_l1', pytest.param('cabvit_p_l0', marks=pytest.mark.slow)])
+def test_one_instance_runs_every_size(model_name):
+    dynamic = timm.create_model(model_name, dynamic_img_size=True).eval()
     with torch.no_grad():
         for size in SIZES:
             out = dynamic(torch.randn(1, 3, *size))
@@ -92,6 +93,7 @@ def test_bad_input_still_gets_a_clear_error(bad, message):
         model(bad)
 
 
+@pytest.mark.slow
 def test_compile_recompiles_per_size():
     """torch.compile (aot_eager here: no C compiler is needed) runs both sizes; one recompile per new size."""
     model = timm.create_model('cabvit_h_l1', dynamic_img_size=True).eval()

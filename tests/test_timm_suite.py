@@ -40,9 +40,8 @@ CFG_TESTS = ('test_model_default_cfgs', 'test_model_default_cfgs_non_std')
 def _cases():
     for test_name, batch_size, models in GENERIC_TESTS:
         for model_name in models:
-            # the meta-device cfg tests are cheap for every model; the rest run l2 and l3 only when slow tests do
-            slow = model_name in SLOW_MODELS and test_name not in CFG_TESTS
-            marks = [pytest.mark.slow] if slow else []
+            # l2 and l3 share every code path with l1 and run only when slow tests do (their cfg tests take 7-11 s)
+            marks = [pytest.mark.slow] if model_name in SLOW_MODELS else []
             yield pytest.param(test_name, batch_size, model_name, id=f'{test_name}[{model_name}]', marks=marks)
 
 
