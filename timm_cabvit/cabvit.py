@@ -65,6 +65,11 @@ __all__ = ['CabViT', 'CabViTPlain', 'CabViTBlock']
 
 Grid = Tuple[int, int]
 
+@torch.jit.unused
+def _exporting_onnx() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
 def digest_grid_size(grid_size: Grid) -> Grid:
     """Grid of digest tokens left by one block: the 7x7 stride-4 merge conv (pad 3) gives ceil(H/4) x ceil(W/4)."""
     return (grid_size[0] + 3) // 4, (grid_size[1] + 3) // 4  # tme.MERGE_STRIDE, a literal for TorchScript
@@ -197,12 +202,16 @@ class CrossBlockAttention(nn.Module):
         self.attention_bias_cache = {}
 
     def _attention_bias(self, grid_size: Grid) -> torch.Tensor:
-        """(1, heads, N, N + digests): 4-D, the mask layout that PyTorch's fused CPU attention kernel takes."""
+        """(1, heads, N, N + digests): 4-D, the mask layout that PyTorch's fused CPU attention kernel takes.
+
+        (heads, N, N + digests) in an ONNX export: the torch.export-based exporter fails to decompose attention
+        with a 4-D mask of batch 1 (torch 2.14), and ONNX Runtime broadcasts either.
+        """
         bias = self.pos_bias.get_bias(grid_size)
         if self.depth_bias is not None:
             depth_bias = self.depth_bias.get_bias(digest_grid_size(grid_size))
             bias = torch.cat([bias, depth_bias.expand(-1, bias.shape[1], -1)], dim=-1)
-        return bias.unsqueeze(0)
+        return bias if not torch.jit.is_scripting() and _exporting_onnx() else bias.unsqueeze(0)
 
     def get_attention_bias(self, device: torch.device, grid_size: Grid) -> torch.Tensor:
         """Position and depth bias combined, (1, heads, N, N + digests), for tokens on `grid_size`.
