@@ -1,8 +1,25 @@
-"""Test set-up: the models are registered by importing the package, as a user's `import timm_cabvit` does."""
+"""Test set-up: the models are registered by importing the package, as a user's `import timm_cabvit` does.
+
+Under pytest-xdist each worker, and each subprocess a test starts, gets its share of the cores: OpenMP threads of
+two workers spinning on the same two cores make small forward passes up to 30x slower.
+"""
+import os
+
 import pytest
 import torch
 
 import timm_cabvit  # noqa: F401  (registers the models with timm)
+
+
+def _threads_per_worker() -> int:
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
+if 'PYTEST_XDIST_WORKER' in os.environ and 'OMP_NUM_THREADS' not in os.environ:
+    os.environ['OMP_NUM_THREADS'] = str(_threads_per_worker())
+    torch.set_num_threads(_threads_per_worker())
 
 H_MODELS = ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3']
 ALL_MODELS = ['cabvit_p_l0', *H_MODELS]
