@@ -53,7 +53,6 @@ def set_tme_impl(impl: str, model: Optional[nn.Module] = None) -> None:
             module.set_impl(impl)
 
 
-
 class TokenMergeEnhance(nn.Module):
     """TME: a depthwise 7x7 stride-4 conv merges the tokens into digests; a depthwise 3x3 conv + BN enhances them.
 
