@@ -102,3 +102,21 @@ def test_compile_recompiles_per_size():
         for size in [(64, 64), (96, 64)]:
             x = torch.randn(1, 3, *size)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('model_name', ['cabvit_h_l1', 'cabvit_p_l0'])
+def test_onnx_export_at_a_fixed_size_of_ones_choice(model_name, tmp_path):
+    """A dynamic model exports at any fixed size: ONNX Runtime gives what the dynamic model gives at that size."""
+    onnxruntime = pytest.importorskip('onnxruntime')
+    from timm_cabvit.deploy import calibrate_batchnorm, export_onnx
+
+    model = calibrate_batchnorm(_randomized(model_name, img_size=64, dynamic_img_size=True), img_size=(64, 64))
+    path = tmp_path / 'model.onnx'
+    report = export_onnx(model, path, img_size=(96, 64))
+    assert report['img_size'] == (96, 64) and report['max_rel_diff'] < 1e-4
+    assert model.img_size == (64, 64)  # the copy was resampled, not the model
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        ref = model(x)
+    out = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider']).run(None, {'input': x.numpy()})[0]
+    assert ref.abs().max() > 0.1 and (torch.from_numpy(out) - ref).abs().max() < 1e-4 * ref.abs().max()

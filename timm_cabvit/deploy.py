@@ -139,8 +139,9 @@ def prepare_model(
 
     Args:
         model_or_name: A model (left as it is) or a timm model name to create.
-        img_size: Input size; None for the model's own (224 for a name). A given model with an `img_size` of its
-            own (a fixed-size model) must have been built for it.
+        img_size: Input size; None for the model's own (224 for a name). A given fixed-size model must have been
+            built for it; a `dynamic_img_size` model is exported at it, its copy's tables resampled to that size
+            as its forward pass would (`set_input_size`).
         reparameterize: Fold BatchNorms into convolutions (`timm.utils.reparameterize_model`).
         checkpoint: Weights to load into a model created from its name (any layout `checkpoint_filter_fn` reads).
         device: Device of the copy, None for the model's.
@@ -164,13 +165,17 @@ def _prepare(
     else:
         if checkpoint is not None:
             raise ValueError('checkpoint= loads weights into a model created by name; load them into a given model')
-        fixed_size = getattr(model_or_name, 'img_size', None)
-        if img_size is not None and fixed_size is not None and to_2tuple(img_size) != to_2tuple(fixed_size):
+        own_size = getattr(model_or_name, 'img_size', None)
+        other_size = img_size is not None and own_size is not None and to_2tuple(img_size) != to_2tuple(own_size)
+        dynamic = getattr(model_or_name, 'dynamic_img_size', False)
+        if other_size and not dynamic:
             raise ValueError(
                 f'The model was built for {model_input_size(model_or_name)} images, not {to_2tuple(img_size)}: '
                 f'its bias tables are sized for that grid. Create it with img_size={to_2tuple(img_size)} '
                 f'or call set_input_size() first.')
         model = copy.deepcopy(model_or_name)
+        if other_size:
+            model.set_input_size(to_2tuple(img_size))  # the tables a dynamic model resamples to at that size
     img_size = model_input_size(model) if img_size is None else to_2tuple(img_size)
     model = model.to(device=device, dtype=dtype).eval()
     params_before = _num_params(model)
