@@ -3,7 +3,10 @@
 Under pytest-xdist each worker, and each subprocess a test starts, gets its share of the cores: OpenMP threads of
 two workers spinning on the same two cores make small forward passes up to 30x slower.
 """
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,6 +24,7 @@ if 'PYTEST_XDIST_WORKER' in os.environ and 'OMP_NUM_THREADS' not in os.environ:
     os.environ['OMP_NUM_THREADS'] = str(_threads_per_worker())
     torch.set_num_threads(_threads_per_worker())
 
+EXAMPLES = Path(__file__).resolve().parents[1] / 'examples'
 H_MODELS = ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3']
 ALL_MODELS = ['cabvit_p_l0', *H_MODELS]
 
@@ -38,3 +42,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_example(name: str) -> ModuleType:
+    """examples/<name>.py as a module: the examples are scripts, not part of the package."""
+    spec = importlib.util.spec_from_file_location(f'cabvit_{name}_example', EXAMPLES / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

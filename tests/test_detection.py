@@ -3,25 +3,14 @@
 The detection transform resizes each batch to its own shape (tiny min_size/max_size here), so the backbone sees
 several input shapes; a forward pre-hook records them.
 """
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_example
 
-EXAMPLE = Path(__file__).resolve().parents[1] / 'examples' / 'detection.py'
 NUM_CLASSES = 4  # background and three box colours
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location('cabvit_detection_example', EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-detection = _load_example()
+detection = load_example('detection')
 
 
 @pytest.fixture(scope='module')

@@ -1,23 +1,11 @@
 """examples/segmentation.py: a Semantic FPN head over the four CabViT-H maps gives logits at the input resolution."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_example
 
-EXAMPLE = Path(__file__).resolve().parents[1] / 'examples' / 'segmentation.py'
 NUM_CLASSES = 5
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location('cabvit_segmentation_example', EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-segmentation = _load_example()
+segmentation = load_example('segmentation')
 
 
 @pytest.fixture(scope='module')
