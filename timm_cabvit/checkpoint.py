@@ -170,12 +170,15 @@ def load_checkpoint_file(path: PathLike) -> Dict[str, Any]:
             f"tensors ({reason}).") from e
 
 
-def checkpoint_metadata(checkpoint: Union[PathLike, Dict[str, Any], None]) -> Dict[str, Any]:
+def checkpoint_metadata(
+        checkpoint: Union[PathLike, Dict[str, Any], None],
+        contents: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
     """What a checkpoint records of its model: 'img_size' (H, W) and 'architecture', where it records them.
 
     Read from a timm train.py checkpoint's args, the `img_size` entry of a safetensors header, or the config.json
     that `timm-cabvit export` (timm's `save_for_hf`) writes beside the weights. Cheap: a file is memory-mapped, and
-    only its header or args are read.
+    only its header or args are read; `contents`, the file already loaded, spares reading it again.
     """
     if checkpoint is None:
         return {}
@@ -197,7 +200,7 @@ def checkpoint_metadata(checkpoint: Union[PathLike, Dict[str, Any], None]) -> Di
             parts = text.split('x')
             return {'img_size': (int(parts[0]), int(parts[-1]))} if all(p.isdigit() for p in parts) and text else {}
         try:
-            checkpoint = _torch_load(path, mmap=True)
+            checkpoint = _torch_load(path, mmap=True) if contents is None else contents
         except (RuntimeError, EOFError, ValueError, OSError):
             return {}
         if not isinstance(checkpoint, dict):

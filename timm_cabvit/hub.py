@@ -141,7 +141,7 @@ def _saved_input(
     Read from the classifier, the first conv, and the input size the checkpoint records or its tables tell
     (`checkpoint.saved_img_size`); img_size is left out where neither says.
     """
-    metadata = checkpoint_metadata(checkpoint) or checkpoint_metadata(file)
+    metadata = checkpoint_metadata(checkpoint) or checkpoint_metadata(file, contents=checkpoint)
     state_dict = unwrap_checkpoint(checkpoint)
     if is_reference_layout(state_dict):
         state_dict = convert_reference(state_dict)
