@@ -21,8 +21,8 @@ def _threads_per_worker() -> int:
 
 
 if 'PYTEST_XDIST_WORKER' in os.environ and 'OMP_NUM_THREADS' not in os.environ:
-    os.environ['OMP_NUM_THREADS'] = str(_threads_per_worker())
     torch.set_num_threads(_threads_per_worker())
+    os.environ['OMP_NUM_THREADS'] = str(torch.get_num_threads())
 
 EXAMPLES = Path(__file__).resolve().parents[1] / 'examples'
 H_MODELS = ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3']
