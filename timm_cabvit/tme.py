@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .layers import FoldableConvNormAct, channels_last_parameter
 
@@ -114,6 +115,24 @@ class TokenMergeEnhance(nn.Module):
         return impl == 'triton' or (x.is_cuda and HAS_TRITON)
 
     @torch.jit.unused
+    def _narrow_on_cpu(self, x_map: torch.Tensor, grid: Grid) -> bool:
+        return not isinstance(x_map, torch.fx.Proxy) and grid[1] < MERGE_STRIDE and x_map.device.type == 'cpu'
+
+    @torch.jit.unused
+    def _merge_float32(self, x_map: torch.Tensor) -> torch.Tensor:
+        """The merge conv in float32, whatever the model's dtype or autocast: for maps narrower than the stride.
+
+        There oneDNN's bfloat16 depthwise convolution (channels-last, as the TME's maps are, and under CPU autocast
+        in either layout) leaves uninitialised memory, often NaN or inf, in the weight gradient of taps that lie in
+        the padding (torch 2.14; the reproduction is in the CHANGELOG). Such maps have at most 3 columns: the
+        float32 conv costs nothing measurable.
+        """
+        conv = self.merge
+        with torch.autocast(x_map.device.type, enabled=False):
+            digest = F.conv2d(x_map.float(), conv.weight.float(), None, conv.stride, conv.padding, groups=conv.groups)
+        return digest.to(x_map.dtype)
+
+    @torch.jit.unused
     def _forward_triton(self, x: torch.Tensor, grid_size: Grid) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         from .tme_triton import token_merge_enhance  # on first use: importing it defines the Triton kernels
 
@@ -131,7 +150,10 @@ class TokenMergeEnhance(nn.Module):
         B, N, C = x.shape
         prefix, tokens = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         x_map = tokens.transpose(1, 2).reshape(B, C, grid[0], grid[1])
-        digest = self.merge(x_map).flatten(2).transpose(1, 2) if self.merge is not None else None
+        digest = None
+        if self.merge is not None:
+            narrow = not torch.jit.is_scripting() and self._narrow_on_cpu(x_map, grid)
+            digest = (self._merge_float32(x_map) if narrow else self.merge(x_map)).flatten(2).transpose(1, 2)
         if self.enhance is None:
             return x, digest
         x = self.enhance(x_map).flatten(2).transpose(1, 2)
