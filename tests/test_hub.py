@@ -206,9 +206,8 @@ def to_reference(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
             ref = re.sub(pattern, repl, ref)
         if ref.startswith(('layer_0.', 'layer_1.')):
             ref = ref.replace('.mlp.fc1.', '.pwconv1.').replace('.mlp.fc2.', '.pwconv2.')
-        module = model.get_submodule(k.rsplit('.', 1)[0])
         if k.endswith('depth_bias.bias'):
-            v = module.get_bias(module.digest_grid).detach().reshape(1, v.shape[0], 1, -1)  # key order, as added
+            v = v.flip(1).reshape(1, v.shape[0], 1, -1)  # key order, oldest block first, as the reference adds them
         elif k.endswith('digest_calib.scale'):
             v = v.reshape(1, -1, 1)
         out[ref] = v.clone()

@@ -268,59 +268,6 @@ def test_checkpoint_at_224_loads_at_384():
         assert torch.isfinite(target(torch.randn(1, 3, 384, 384))).all()
 
 
-def _bias_tables(model: torch.nn.Module):
-    return [p for n, p in model.named_parameters() if n.endswith(('attention_biases', 'relative_position_bias_table',
-                                                                   'depth_bias.bias'))]
-
-
-def _load_state_dict(model, state_dict, tmp_path):
-    model.load_state_dict(state_dict)
-
-
-def _timm_load_checkpoint(model, state_dict, tmp_path):
-    torch.save(state_dict, tmp_path / 'weights.pth')
-    timm.models.load_checkpoint(model, str(tmp_path / 'weights.pth'))
-
-
-def _copy_tables(model, state_dict, tmp_path):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(state_dict[name])
-
-
-@pytest.mark.parametrize('load', [_load_state_dict, _timm_load_checkpoint, _copy_tables])
-@pytest.mark.parametrize('model_name', ['cabvit_h_l1', 'cabvit_p_l0'])
-def test_eval_bias_cache_never_outlives_the_tables(model_name, load, tmp_path):
-    """The cached eval-mode bias is rebuilt after any change of the tables it was built from."""
-    model = timm.create_model(model_name, img_size=64, ls_init_value=1.).eval()
-    other = timm.create_model(model_name, img_size=64, ls_init_value=1.).eval()
-    for p in _bias_tables(other):
-        torch.nn.init.normal_(p)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected, stale = other(x), model(x)
-        load(model, other.state_dict(), tmp_path)
-        loaded = model(x)
-        assert not torch.allclose(stale, expected)
-        torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
-        for p in _bias_tables(model):
-            p.mul_(2.)  # an in-place edit of the tables
-        assert not torch.allclose(model(x), loaded)
-
-
-@pytest.mark.parametrize('model_name', ['cabvit_h_l1', 'cabvit_p_l0'])
-def test_eval_mode_with_grad_trains_the_bias_tables(model_name):
-    """Eval mode with grad enabled (e.g. fine-tuning with frozen BatchNorm) builds the bias in the graph."""
-    model = timm.create_model(model_name, img_size=64).eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        model(x)  # fills the cache
-    for _ in range(2):  # a second backward over a new forward must not reuse the first graph
-        model.zero_grad()
-        model(x).sum().backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _bias_tables(model))
-
-
 @pytest.mark.parametrize('model_name', ['cabvit_h_l1', 'cabvit_p_l0'])
 def test_no_weight_decay_and_layer_groups(model_name):
     from timm.optim import param_groups_layer_decay

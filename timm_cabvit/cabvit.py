@@ -17,7 +17,7 @@ import math
 import os
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, Final, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,7 @@ from .layers import (
     batchnorm_momentum,
     check_img_size,
     check_input,
+    relative_position_bias,
     resized_parameter,
 )
 from .tme import TokenMergeEnhance, set_tme_impl
@@ -65,9 +66,31 @@ __all__ = ['CabViT', 'CabViTPlain', 'CabViTBlock']
 
 Grid = Tuple[int, int]
 
+# The largest attention bias (heads x queries x keys) built at once: 64 MB in float32. Larger inputs take their
+# queries in chunks (CrossBlockAttention.query_chunks); at 224x224 no CabViT model comes near it.
+MAX_BIAS_ELEMENTS = 2 ** 24
+# Keys per attention mask row are padded to a multiple of this (CUDA's memory-efficient attention's alignment).
+MASK_ALIGNMENT = 8
+
+
 @torch.jit.unused
 def _exporting_onnx() -> bool:
     return torch.onnx.is_in_onnx_export()
+
+
+@torch.jit.unused
+def _requires_grad(x: torch.Tensor) -> bool:
+    """False for FX proxies, which trace the gradient-free layout (both give the same bias)."""
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+@torch.jit.unused
+def _in_func_transform(x: torch.Tensor) -> bool:
+    """Inside torch.func's vmap or jvp, whose wrapped tensors PyTorch's fused CPU attention kernel has no batching
+    or forward-mode rule for (torch 2.14): the attention is then written out."""
+    if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def digest_grid_size(grid_size: Grid) -> Grid:
@@ -84,6 +107,7 @@ class RelativeDepthBias(nn.Module):
 
     def __init__(self, num_heads: int, depth: int, digest_grid: Grid, device=None, dtype=None):
         super().__init__()
+        self.depth = depth
         self.digest_grid = tuple(digest_grid)
         num_digest = digest_grid[0] * digest_grid[1]
         self.bias = nn.Parameter(torch.zeros(num_heads, depth, num_digest, device=device, dtype=dtype))
@@ -95,10 +119,15 @@ class RelativeDepthBias(nn.Module):
         self.bias = resized_parameter(self.bias, self.digest_grid, digest_grid)
         self.digest_grid = tuple(digest_grid)
 
-    def get_bias(self, digest_grid: Grid) -> torch.Tensor:
-        """(heads, 1, depth * digests) in key order, for digests on `digest_grid`."""
+    def table(self, digest_grid: Grid) -> torch.Tensor:
+        """(heads, depth * digests) for digests on `digest_grid`, by relative depth (the previous block first)."""
         bias = self.bias if digest_grid == self.digest_grid else self._resampled(digest_grid)
-        return bias.flip(1).flatten(1).unsqueeze(1)
+        return bias.flatten(1)
+
+    def key_order_index(self, num_digests: int, device: Optional[torch.device] = None) -> torch.Tensor:
+        """The entries of `table()` in key order, the oldest block's digests first."""
+        return (torch.arange(self.depth - 1, -1, -1, device=device)[:, None] * num_digests
+                + torch.arange(num_digests, device=device)).flatten()
 
     @torch.jit.unused
     def _resampled(self, digest_grid: Grid) -> torch.Tensor:
@@ -153,14 +182,23 @@ class CrossBlockAttention(nn.Module):
 
     The digests go through the same qkv projection as the tokens. Their queries are unused; projecting them
     anyway is what the reference does and what its FLOP figures count (0.7-1.7 % of the total).
+
+    The position and depth biases are built from their tables on every forward pass; no bias is kept. One gather
+    of O(N W) entries (`bias_index`) gives the position bias's row table and the depth biases in key order, and
+    windows of the row table give the position bias (`layers.relative_position_bias`): the fastest layout on CPU.
+    Where the tables get gradients, one gather with an index of the whole bias (`bias_positions`, int32, built
+    once for the module's grid by the same layout) replaces it, as its backward takes fewer and larger ops. Past
+    `max_bias_elements` the queries are taken in chunks of grid rows, so that a large input never holds the whole
+    (heads, N, N + digests) bias.
     """
-    attention_bias_cache: Dict[str, Tuple[List[int], torch.Tensor]]
+    max_bias_elements: Final[int]
 
     def __init__(
             self,
             dim: int,
             num_heads: int,
             pos_bias: nn.Module,
+            grid_size: Grid,
             depth_bias: Optional[RelativeDepthBias] = None,
             qkv_bias: bool = True,
             attn_drop: float = 0.,
@@ -176,65 +214,120 @@ class CrossBlockAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
+        self.max_bias_elements = MAX_BIAS_ELEMENTS
+        self.grid_size = tuple(grid_size)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.pos_bias = pos_bias
         self.depth_bias = depth_bias
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.attention_bias_cache = {}
+        self.register_buffer('bias_index', self._bias_index(self.grid_size, device), persistent=False)
+        self.register_buffer('bias_positions', self._bias_positions(), persistent=False)
 
-    @torch.no_grad()
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.attention_bias_cache = {}
-        return self
-
-    def _apply(self, fn, *args, **kwargs):
-        self.attention_bias_cache = {}
-        return super()._apply(fn, *args, **kwargs)
+    def init_non_persistent_buffers(self) -> None:
+        self.bias_index = self._bias_index(self.grid_size, self.bias_index.device)
+        self.bias_positions = self._bias_positions()
 
     def set_grid_size(self, grid_size: Grid) -> None:
         """Resample the position bias to a token grid and the depth bias to its digest grid."""
+        self.grid_size = tuple(grid_size)
         self.pos_bias.set_window_size(grid_size)
         if self.depth_bias is not None:
             self.depth_bias.set_grid_size(digest_grid_size(grid_size))
-        self.attention_bias_cache = {}
+        self.init_non_persistent_buffers()
 
-    def _attention_bias(self, grid_size: Grid) -> torch.Tensor:
-        """(1, heads, N, N + digests): 4-D, the mask layout that PyTorch's fused CPU attention kernel takes.
-
-        (heads, N, N + digests) in an ONNX export: the torch.export-based exporter fails to decompose attention
-        with a 4-D mask of batch 1 (torch 2.14), and ONNX Runtime broadcasts either.
-        """
-        bias = self.pos_bias.get_bias(grid_size)
-        if self.depth_bias is not None:
-            depth_bias = self.depth_bias.get_bias(digest_grid_size(grid_size))
-            bias = torch.cat([bias, depth_bias.expand(-1, bias.shape[1], -1)], dim=-1)
-        return bias if not torch.jit.is_scripting() and _exporting_onnx() else bias.unsqueeze(0)
-
-    def get_attention_bias(self, device: torch.device, grid_size: Grid) -> torch.Tensor:
-        """Position and depth bias combined, (1, heads, N, N + digests), for tokens on `grid_size`.
-
-        Cached per device, as LeViT does, but only where no gradient is wanted (eval mode under no_grad or
-        inference_mode) and only while grid and tables are the ones it was built from: the cache is keyed on the
-        grid and the tables' storage and version counters, which every in-place change (load_state_dict, copy_, an
-        EMA update) bumps. One grid per device is kept, so varying input sizes do not pile up biases.
-        """
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or self.training or torch.is_grad_enabled():
-            return self._attention_bias(grid_size)
-        return self._cached_attention_bias(device, grid_size)
+    def _tables(self, grid_size: Grid) -> torch.Tensor:
+        """(heads, entries): the position table, then the depth table."""
+        table = self.pos_bias.table(grid_size)
+        if self.depth_bias is None:
+            return table
+        return torch.cat([table, self.depth_bias.table(digest_grid_size(grid_size))], dim=1)
 
     @torch.jit.unused
-    def _cached_attention_bias(self, device: torch.device, grid_size: Grid) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return self._attention_bias(grid_size)
-        tables = [*self.pos_bias.parameters(), *(self.depth_bias.parameters() if self.depth_bias is not None else ())]
-        key = [*grid_size, *(n for t in tables for n in (t.data_ptr(), t._version))]
-        cached = self.attention_bias_cache.get(str(device))
-        if cached is None or cached[0] != key:
-            cached = self.attention_bias_cache[str(device)] = (key, self._attention_bias(grid_size))
-        return cached[1]
+    def _bias_index(self, grid_size: Grid, device: Optional[torch.device]) -> torch.Tensor:
+        """Index into `_tables()`: the row table, class token entries, then the key columns after the tokens: the
+        depth biases in key order and, up to a multiple of MASK_ALIGNMENT keys, padding (entry 0, never read)."""
+        index = [self.pos_bias.bias_index(grid_size, device)]
+        if self.depth_bias is not None:
+            digests = digest_grid_size(grid_size)
+            depth_index = self.depth_bias.key_order_index(digests[0] * digests[1], device)
+            index.append(self.pos_bias.num_entries(grid_size) + depth_index)
+        padding = -self.num_keys(grid_size) % MASK_ALIGNMENT
+        if padding:
+            index.append(torch.zeros(padding, dtype=torch.long, device=device))
+        return torch.cat(index) if len(index) > 1 else index[0]
+
+    def _bias_positions(self) -> torch.Tensor:
+        """(queries, padded keys) entry of `_tables()` at each place of the bias on the module's grid."""
+        entries = self.pos_bias.num_entries(self.grid_size)
+        if self.depth_bias is not None:
+            entries += self.depth_bias.bias[0].numel()
+        table = torch.arange(entries, dtype=torch.int32, device=self.bias_index.device)[None]
+        return self._layout(table, self.grid_size, (0, self.grid_size[0]), self.bias_index)[0]
+
+    def num_keys(self, grid_size: Grid) -> int:
+        """Prefix tokens, tokens on `grid_size` and the digests of the earlier blocks."""
+        digests = 0
+        if self.depth_bias is not None:
+            digest_grid = digest_grid_size(grid_size)
+            digests = self.depth_bias.depth * digest_grid[0] * digest_grid[1]
+        return self.pos_bias.num_prefix_tokens + grid_size[0] * grid_size[1] + digests
+
+    def query_chunks(self, grid_size: Grid) -> List[Tuple[int, int]]:
+        """Grid row ranges whose queries share one bias of at most `max_bias_elements` (at least one row each)."""
+        height, width = grid_size
+        rows = max(1, self.max_bias_elements // (self.num_heads * width * self.num_keys(grid_size)))
+        return [(start, min(start + rows, height)) for start in range(0, height, rows)]
+
+    def _layout(
+            self, table: torch.Tensor, grid_size: Grid, rows: Tuple[int, int], index: torch.Tensor,
+    ) -> torch.Tensor:
+        """(heads, queries, padded keys) bias of the queries in grid rows `rows` from `table` (heads, entries).
+
+        Queries: the prefix tokens with the first rows, then the tokens. Keys: prefix tokens, tokens, digests in
+        key order, padding to a multiple of MASK_ALIGNMENT.
+        """
+        height, width = grid_size
+        entries = table.index_select(1, index)
+        num_prefix, num_rows = self.pos_bias.num_prefix_tokens, (rows[1] - rows[0]) * width
+        row_entries = (2 * height - 1) * width * width
+        num_columns = index.shape[0] - row_entries - 3 * num_prefix
+        sizes: List[int] = [row_entries] + [3] * num_prefix
+        if num_columns:
+            sizes.append(num_columns)
+        parts = entries.split(sizes, dim=1) if len(sizes) > 1 else [entries]
+        bias = relative_position_bias(parts[0].reshape(-1, 2 * height - 1, width, width), grid_size, rows)
+        if num_prefix:
+            to_tokens, from_tokens, to_itself = parts[1].unbind(1)
+            bias = torch.cat([from_tokens[:, None, None].expand(-1, num_rows, 1), bias], dim=-1)
+            if rows[0] == 0:
+                prefix_row = torch.cat([to_itself[:, None], to_tokens[:, None].expand(-1, height * width)], dim=1)
+                bias = torch.cat([prefix_row.unsqueeze(1), bias], dim=1)
+                num_rows += 1
+        if num_columns:
+            bias = torch.cat([bias, parts[-1].unsqueeze(1).expand(-1, num_rows, -1)], dim=-1)
+        return bias
+
+    def attention_bias(self, grid_size: Grid, rows: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """(1, heads, queries, keys) bias of the queries in grid rows `rows`, prefix tokens with the first rows.
+
+        Its rows start at multiples of MASK_ALIGNMENT keys, which CUDA's memory-efficient attention otherwise pads
+        the whole mask to, forward and backward. 4-D, the mask layout of PyTorch's fused CPU attention kernel; 3-D
+        in an ONNX export, as the torch.export-based exporter fails to decompose attention with a 4-D mask of batch 1
+        (torch 2.14) and ONNX Runtime broadcasts either.
+        """
+        table = self._tables(grid_size).to(dtype)
+        needs_grad = table.requires_grad if torch.jit.is_scripting() else _requires_grad(table)
+        if grid_size == self.grid_size and needs_grad:
+            prefix, width = self.pos_bias.num_prefix_tokens, grid_size[1]
+            positions = self.bias_positions[0 if rows[0] == 0 else prefix + rows[0] * width:prefix + rows[1] * width]
+            bias = table.index_select(1, positions.flatten()).view(self.num_heads, -1, positions.shape[1])
+        else:
+            index = self.bias_index if grid_size == self.grid_size else self._bias_index(grid_size, table.device)
+            bias = self._layout(table, grid_size, rows, index)
+        bias = bias[:, :, :self.num_keys(grid_size)]
+        return bias if not torch.jit.is_scripting() and _exporting_onnx() else bias.unsqueeze(0)
 
     def _qkv(
             self, x: torch.Tensor, digests: Optional[torch.Tensor],
@@ -253,21 +346,25 @@ class CrossBlockAttention(nn.Module):
     def attention_weights(self, x: torch.Tensor, digests: Optional[torch.Tensor], grid_size: Grid) -> torch.Tensor:
         """Softmax attention of each token over tokens and digests, (B, heads, N, N + digests), for inspection."""
         q, k, _ = self._qkv(x, digests)
-        bias = self.get_attention_bias(x.device, grid_size).to(q.dtype)
+        bias = self.attention_bias(grid_size, (0, grid_size[0]), q.dtype)
         return ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, digests: Optional[torch.Tensor], grid_size: Grid) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self._qkv(x, digests)
-        bias = self.get_attention_bias(x.device, grid_size).to(q.dtype)
-
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
+        outputs: List[torch.Tensor] = []
+        prefix, width = self.pos_bias.num_prefix_tokens, grid_size[1]
+        for rows in self.query_chunks(grid_size):
+            bias = self.attention_bias(grid_size, rows, q.dtype)
+            q_rows = q[:, :, 0 if rows[0] == 0 else prefix + rows[0] * width:prefix + rows[1] * width]
+            if self.fused_attn and (torch.jit.is_scripting() or not _in_func_transform(q)):
+                out = F.scaled_dot_product_attention(
+                    q_rows, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
+            else:
+                attn = (q_rows * self.scale) @ k.transpose(-2, -1) + bias
+                out = self.attn_drop(attn.softmax(dim=-1)) @ v
+            outputs.append(out)
+        x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -332,7 +429,8 @@ class CabViTBlock(nn.Module):
 
         self.norm1 = norm_layer(dim, **dd)
         self.attn = CrossBlockAttention(
-            dim, num_heads, pos_bias, depth_bias, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
+            dim, num_heads, pos_bias, grid_size, depth_bias, qkv_bias=qkv_bias, attn_drop=attn_drop,
+            proj_drop=proj_drop, **dd)
         self.ls1 = LayerScale(dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -540,13 +638,16 @@ class CabViTStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         B, C, H, W = x.shape
-        grid_size = (H, W) if self.dynamic_img_size else self.grid_size  # static unless dynamic: FX traces it
+        # the stage's own grid unless another one comes: static ints for FX and for exports traced at that size
+        grid_size = (H, W) if self.dynamic_img_size and (H, W) != self.grid_size else self.grid_size
         x, _ = self.blocks(x.flatten(2).transpose(1, 2), grid_size, self.grad_checkpointing)
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
 def _init_weights(module: nn.Module, ls_init_value: Optional[float] = None, needs_reset: bool = True) -> None:
     """Truncated-normal Linear and Conv weights as the reference; other modules reset themselves."""
+    if needs_reset and hasattr(module, 'init_non_persistent_buffers'):
+        module.init_non_persistent_buffers()
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         trunc_normal_(module.weight, std=.02)
         if module.bias is not None:
@@ -923,6 +1024,8 @@ class CabViTPlain(nn.Module):
         x = self.patch_embed(x)
         if self.dynamic_img_size:
             grid_size = (x.shape[1], x.shape[2])
+            if grid_size == self.patch_embed.grid_size:  # static ints for exports traced at the model's own size
+                grid_size = self.patch_embed.grid_size
             x = x.flatten(1, 2)
         else:
             grid_size = self.patch_embed.grid_size

@@ -5,8 +5,8 @@ of the model's `img_size`, so every export has a fixed image size; the batch dim
 another size, create the model with that `img_size` (the learned tables are resampled on load) and export that.
 
 Exports start from a copy of the model in eval mode, re-parameterised by `timm.utils.reparameterize_model`
-(BatchNorm folded into the convolutions that have a `fuse()`), after one forward pass that materialises the
-attention biases (the eval-mode cache of `CrossBlockAttention`), so torch.export takes them as constants.
+(BatchNorm folded into the convolutions that have a `fuse()`). The attention biases are functions of the
+parameters only, so ONNX Runtime folds them into constants when it loads a graph.
 
 ONNX goes through the TorchScript-based exporter of `torch.onnx.export` (`dynamo=False`) unless asked otherwise,
 as timm's own `timm.utils.onnx_export` does. Both exporters give graphs that match PyTorch to ~1e-6 and run
@@ -135,7 +135,7 @@ def prepare_model(
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
-    """The model to export: an eval-mode copy, re-parameterised, with its attention biases materialised.
+    """The model to export: an eval-mode copy, re-parameterised.
 
     Args:
         model_or_name: A model (left as it is) or a timm model name to create.
@@ -181,8 +181,6 @@ def _prepare(
     params_before = _num_params(model)
     if reparameterize:
         model = reparameterize_model(model, inplace=True)
-    with torch.no_grad():
-        model(_example_input(model, 1, img_size))
     return model, params_before, img_size
 
 

@@ -11,14 +11,15 @@ from typing import Any, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import ConvNormAct, RelPosBias, gen_relative_position_index, ndgrid
+from timm.layers import ConvNormAct, trunc_normal_
 from timm.layers._fx import register_notrace_function
 
 from .checkpoint import resize_rel_pos_table, resize_token_grid
 
 __all__ = [
     'ClassTokenRelPosBias', 'FoldableConvNormAct', 'GridPosBias', 'MAX_TOKENS', 'batchnorm_momentum',
-    'channels_last_parameter', 'check_img_size', 'check_input', 'grid_offset_index', 'resized_parameter',
+    'channels_last_parameter', 'check_img_size', 'check_input', 'relative_position_bias', 'resized_parameter',
+    'row_offset_index',
 ]
 
 Grid = Tuple[int, int]
@@ -32,14 +33,6 @@ MAX_TOKENS = 128 * 128
 def resized_parameter(param: nn.Parameter, old_size: Grid, new_size: Grid) -> nn.Parameter:
     """A grid-laid parameter resampled to another token grid, frozen if the original was (set_input_size)."""
     return nn.Parameter(resize_token_grid(param, old_size, new_size), requires_grad=param.requires_grad)
-
-
-def grid_offset_index(grid_size: Grid, device: Optional[torch.device] = None) -> torch.Tensor:
-    """(N, N) index of each token pair's absolute offset (|dy|, |dx|) into a LeViT-style (heads, H * W) table."""
-    pos = torch.stack(ndgrid(
-        torch.arange(grid_size[0], device=device), torch.arange(grid_size[1], device=device))).flatten(1)
-    rel_pos = (pos[..., :, None] - pos[..., None, :]).abs()
-    return rel_pos[0] * grid_size[1] + rel_pos[1]
 
 
 def channels_last_parameter(weight: torch.Tensor) -> nn.Parameter:
@@ -136,64 +129,93 @@ class FoldableConvNormAct(ConvNormAct):
         return nn.Sequential(fused, *tail) if tail else fused
 
 
+def row_offset_index(grid_size: Grid, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(2H - 1, W, W) index into a LeViT-style (heads, H * W) table: at (H - 1 + dy, xi, xj), |dy| W + |xi - xj|.
+
+    Gathered with it, the table becomes the row table of `relative_position_bias`.
+    """
+    height, width = grid_size
+    dy = (torch.arange(2 * height - 1, device=device) - (height - 1)).abs()
+    x = torch.arange(width, device=device)
+    return dy[:, None, None] * width + (x[:, None] - x[None, :]).abs()
+
+
+def relative_position_bias(row_table: torch.Tensor, grid_size: Grid, rows: Tuple[int, int]) -> torch.Tensor:
+    """(heads, n, H * W) position bias of the query tokens in grid rows rows[0]..rows[1] over all tokens.
+
+    `row_table` (heads, 2H - 1, W, W) holds at (H - 1 + dy, xi, xj) the bias between a query in column xi and a
+    key in column xj dy rows below it. The bias over a grid is Toeplitz in the rows: materialising it entry by
+    entry means an (N, N) index. Windows of the row table (`unfold`) give it as a strided view instead, with the
+    query rows reversed: one copy (`flip`) lays it out, no (N, N) index is kept or read, and its gradient is
+    unfold's (sums over windows).
+    """
+    height, width = grid_size
+    start = height - rows[1]
+    windows = row_table[:, start:start + rows[1] - rows[0] + height - 1].unfold(1, height, 1)  # (h, yi, xi, xj, yj)
+    biases = windows.permute(0, 1, 2, 4, 3).flip(1)
+    return biases.reshape(row_table.shape[0], (rows[1] - rows[0]) * width, height * width)
+
+
 class GridPosBias(nn.Module):
     """LeViT-style position bias: one learnable value per head and absolute offset (|dy|, |dx|) on the grid.
 
-    `window_size` and `set_window_size` are named as in timm's RelPosBias, which CabViT-P uses instead.
+    `window_size` and `set_window_size` are named as in timm's RelPosBias. The attention gathers its row table
+    (`relative_position_bias`) from `table()` with `bias_index()`: no (N, N) index.
     """
 
     def __init__(self, num_heads: int, window_size: Grid, device=None, dtype=None):
         super().__init__()
+        self.num_prefix_tokens = 0
         self.window_size = tuple(window_size)
-        num_tokens = window_size[0] * window_size[1]
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, num_tokens, device=device, dtype=dtype))
-        self.register_buffer(
-            'attention_bias_idxs',
-            torch.empty((num_tokens, num_tokens), device=device, dtype=torch.long),
-            persistent=False,
-        )
-        self._init_buffers()
+        self.attention_biases = nn.Parameter(
+            torch.zeros(num_heads, window_size[0] * window_size[1], device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.attention_biases)
-        self._init_buffers()
-
-    def _init_buffers(self) -> None:
-        if self.attention_bias_idxs.device.type != 'meta':
-            self.attention_bias_idxs.copy_(grid_offset_index(self.window_size, self.attention_bias_idxs.device))
-
-    def init_non_persistent_buffers(self) -> None:
-        self._init_buffers()
 
     def set_window_size(self, window_size: Grid) -> None:
         if tuple(window_size) == self.window_size:
             return
         self.attention_biases = resized_parameter(self.attention_biases, self.window_size, window_size)
         self.window_size = tuple(window_size)
-        num_tokens = window_size[0] * window_size[1]
-        self.attention_bias_idxs = self.attention_bias_idxs.new_empty((num_tokens, num_tokens))
-        self._init_buffers()
 
-    def get_bias(self, grid_size: Grid) -> torch.Tensor:
-        """(heads, N, N) for tokens on `grid_size`; for another grid than the table's, from the resampled table."""
+    def table(self, grid_size: Grid) -> torch.Tensor:
+        """(heads, entries) for tokens on `grid_size`; for another grid than the table's, the resampled table."""
         if grid_size == self.window_size:
-            return self.attention_biases[:, self.attention_bias_idxs]
-        return self._resampled_bias(grid_size)
+            return self.attention_biases
+        return self._resampled_table(grid_size)
 
     @torch.jit.unused
-    def _resampled_bias(self, grid_size: Grid) -> torch.Tensor:
-        table = resize_token_grid(self.attention_biases, self.window_size, grid_size)
-        return table[:, grid_offset_index(grid_size, table.device)]
+    def _resampled_table(self, grid_size: Grid) -> torch.Tensor:
+        return resize_token_grid(self.attention_biases, self.window_size, grid_size)
+
+    def num_entries(self, grid_size: Grid) -> int:
+        return grid_size[0] * grid_size[1]
+
+    def bias_index(self, grid_size: Grid, device: Optional[torch.device] = None) -> torch.Tensor:
+        """The entries of `table()` that form the row table of `relative_position_bias`, flattened."""
+        return row_offset_index(grid_size, device).flatten()
 
 
-class ClassTokenRelPosBias(RelPosBias):
-    """timm's RelPosBias with a class token (BEiT-style, CabViT-P's position bias), for any token grid.
+class ClassTokenRelPosBias(nn.Module):
+    """BEiT-style relative position bias with class-token entries (CabViT-P's), for any token grid.
 
-    Its table is resampled for another grid as by `set_window_size`, but for non-square windows too.
+    The table is timm's RelPosBias layout, ((2H - 1) (2W - 1) + 3, heads): offsets (dy + H - 1, dx + W - 1)
+    row-major, then class token to tokens, tokens to class token, class token to itself. It is resampled for
+    another grid as by timm's `set_window_size`, but for non-square windows too. No (N, N) index is kept.
     """
 
     def __init__(self, window_size: Grid, num_heads: int, device=None, dtype=None):
-        super().__init__(tuple(window_size), num_heads, prefix_tokens=1, device=device, dtype=dtype)
+        super().__init__()
+        self.num_prefix_tokens = 1
+        self.window_size = tuple(window_size)
+        num_offsets = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(
+            torch.empty(num_offsets + 3, num_heads, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def set_window_size(self, window_size: Grid) -> None:
         window_size = tuple(window_size)
@@ -204,26 +226,29 @@ class ClassTokenRelPosBias(RelPosBias):
         self.relative_position_bias_table = nn.Parameter(
             table, requires_grad=self.relative_position_bias_table.requires_grad)
         self.window_size = window_size
-        self.window_area = window_size[0] * window_size[1]
-        self.bias_shape = (self.window_area + 1, self.window_area + 1, table.shape[-1])
-        self.relative_position_index = self.relative_position_index.new_empty((self.window_area + 1) ** 2)
-        self._init_buffers()
 
-    def get_bias(self, grid_size: Grid) -> torch.Tensor:
-        """(heads, 1 + N, 1 + N) for a class token and tokens on `grid_size`."""
+    def table(self, grid_size: Grid) -> torch.Tensor:
+        """(heads, entries) for tokens on `grid_size`; for another grid than the table's, the resampled table."""
         if grid_size == self.window_size:
-            bias = self.relative_position_bias_table[self.relative_position_index]
-            return bias.view(self.bias_shape).permute(2, 0, 1)
-        return self._resampled_bias(grid_size)
-
-    def forward(self, attn: torch.Tensor, grid_size: Grid) -> torch.Tensor:
-        return attn + self.get_bias(grid_size)
+            return self.relative_position_bias_table.t()
+        return self._resampled_table(grid_size).t()
 
     @torch.jit.unused
-    def _resampled_bias(self, grid_size: Grid) -> torch.Tensor:
-        table = resize_rel_pos_table(self.relative_position_bias_table, self.window_size, grid_size)
-        index = gen_relative_position_index(grid_size, class_token=True, device=table.device)
-        return table[index].permute(2, 0, 1)
+    def _resampled_table(self, grid_size: Grid) -> torch.Tensor:
+        return resize_rel_pos_table(self.relative_position_bias_table, self.window_size, grid_size)
+
+    def num_entries(self, grid_size: Grid) -> int:
+        return (2 * grid_size[0] - 1) * (2 * grid_size[1] - 1) + 3
+
+    def bias_index(self, grid_size: Grid, device: Optional[torch.device] = None) -> torch.Tensor:
+        """The entries of `table()` that form the row table of `relative_position_bias`, flattened, then those of
+        the class token: to the tokens, from the tokens, to itself."""
+        height, width = grid_size
+        dy = torch.arange(2 * height - 1, device=device) - (height - 1)
+        x = torch.arange(width, device=device)
+        offsets = (height - 1 - dy)[:, None, None] * (2 * width - 1) + (x[:, None] - x[None, :] + width - 1)
+        num_offsets = (2 * height - 1) * (2 * width - 1)
+        return torch.cat([offsets.flatten(), torch.arange(num_offsets, num_offsets + 3, device=device)])
 
 
 @contextmanager
