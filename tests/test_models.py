@@ -209,6 +209,19 @@ def test_in_chans_num_classes_and_pooling():
         assert model(torch.randn(2, 1, 224, 224)).shape == (2, 320, 7, 7)
 
 
+@pytest.mark.parametrize('num_heads', [(2, None, 6, 10), (2, 4, 6, 10)])
+def test_cabvit_stage_first_builds_runs_and_folds(num_heads):
+    """A CabViT stage where the reference has ConvNeXt stages: no downsample before it, input checked by the stem."""
+    from timm.utils import reparameterize_model
+    model = timm.create_model('cabvit_h_l1', img_size=(64, 96), num_heads=num_heads).eval()
+    x = torch.randn(1, 3, 64, 96)
+    features = model.forward_intermediates(x, intermediates_only=True)
+    assert [f.shape[-2:] for f in features] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    with torch.no_grad():
+        torch.testing.assert_close(reparameterize_model(model)(x), model(x))
+    model.train()(x).sum().backward()
+
+
 def test_drop_path_rates_linear_over_all_blocks():
     model = timm.create_model('cabvit_h_l1', drop_path_rate=0.1)
     rates = []

@@ -600,7 +600,7 @@ class ConvStage(nn.Module):
 
 
 class CabViTStage(nn.Module):
-    """Downsample, then CabViT blocks on the token sequence.
+    """Optional downsample, then CabViT blocks on the token sequence.
 
     Input and output are NCHW maps, so stages and feature taps look alike across the hybrid model.
     """
@@ -612,6 +612,7 @@ class CabViTStage(nn.Module):
             depth: int,
             num_heads: int,
             grid_size: Grid,
+            downsample: bool = True,
             drop_path: Sequence[float] = (),
             act_layer: Type[nn.Module] = nn.GELU,
             dynamic_img_size: bool = False,
@@ -623,7 +624,8 @@ class CabViTStage(nn.Module):
         self.grad_checkpointing = False
         self.dynamic_img_size = dynamic_img_size
         self.grid_size = grid_size
-        self.downsample = Downsample(in_chs, out_chs, act_layer=act_layer, device=device, dtype=dtype)
+        self.downsample = Downsample(
+            in_chs, out_chs, act_layer=act_layer, device=device, dtype=dtype) if downsample else nn.Identity()
         self.blocks = CabViTBlocks.build(
             out_chs, depth, num_heads, grid_size, drop_path, act_layer=act_layer, device=device, dtype=dtype,
             **block_kwargs)
@@ -733,9 +735,9 @@ class CabViT(nn.Module):
                 stages.append(ConvStage(in_chs, dim, depth, downsample=i > 0, **common))
             else:
                 stages.append(CabViTStage(
-                    in_chs, dim, depth, heads, grids[i], cross_block=cross_block, digest_scale=digest_scale,
-                    tme_enhance=tme_enhance, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer,
-                    dynamic_img_size=dynamic_img_size, **common))
+                    in_chs, dim, depth, heads, grids[i], downsample=i > 0, cross_block=cross_block,
+                    digest_scale=digest_scale, tme_enhance=tme_enhance, proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate, norm_layer=norm_layer, dynamic_img_size=dynamic_img_size, **common))
             in_chs = dim
             self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -815,8 +817,13 @@ class CabViT(nn.Module):
             stage.set_grid_size(grid)
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.stages[0].blocks[0].conv_dw.weight.dtype
+        dtype = x.dtype if torch.jit.is_scripting() else self._input_dtype()
         return check_input(x, self.in_chans, self.img_size, dtype, self.min_img_size, self.dynamic_img_size)
+
+    @torch.jit.unused
+    def _input_dtype(self) -> torch.dtype:
+        """The stem's dtype (the first stage may be a CabViT stage, and the stem may be re-parameterised)."""
+        return next(self.stem.parameters()).dtype
 
     def forward_intermediates(
             self,
