@@ -5,6 +5,7 @@ The two larger models' exports and training steps, cabvit_p_l0's torch.export ro
 ONNX exporter (4-30 s each on two shared cores, through the code paths cabvit_h_l1 and the fast tests take) are
 marked slow.
 """
+import copy
 import functools
 import sys
 
@@ -20,7 +21,9 @@ from timm.models.convnext import ConvNeXtBlock
 from timm.utils import reparameterize_model
 
 from timm_cabvit.deploy import (
+    ExportCheckError,
     calibrate_batchnorm,
+    convnext_mlps_as_convolutions,
     export_onnx,
     export_program,
     export_torchscript,
@@ -146,6 +149,34 @@ def test_onnx_static_batch_unfused_and_argument_checks(tmp_path):
     assert not (tmp_path / 'new.onnx').exists()
     with pytest.raises(ValueError, match='built for'):
         export_onnx(_model('cabvit_h_l1'), tmp_path / 'other.onnx', img_size=128)
+
+
+def test_onnx_graph_runs_convnext_mlps_as_convolutions(tmp_path):
+    """The exported graph has 1x1 convolutions for the ConvNeXt MLPs (ONNX Runtime's NCHWc kernels), and is checked
+    against the model as it was."""
+    model = _model('cabvit_h_l1')
+    converted = convnext_mlps_as_convolutions(copy.deepcopy(model))
+    blocks = [m for m in converted.modules() if isinstance(m, ConvNeXtBlock)]
+    assert blocks and all(b.use_conv_mlp for b in blocks)
+    assert _num_params(converted) == _num_params(model)
+    x = _images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
+    path = tmp_path / 'cabvit_h_l1.onnx'
+    report = export_onnx(model, path)
+    assert report['opset'] == 20 and report['max_abs_diff'] < 1e-4
+    # the CabViT blocks' matrix products only (qkv, q k^T, attention v, proj, two MLP layers in each of 8 blocks)
+    assert sum(n.op_type == 'MatMul' for n in onnx.load(path).graph.node) == 8 * 6
+
+
+def test_export_check_refuses_vanishing_outputs(tmp_path):
+    """A random CabViT-H model's outputs are ~1e-20 at its initial BatchNorm statistics: a check on them says
+    nothing. By name without a checkpoint the statistics are calibrated first."""
+    model = timm.create_model('cabvit_h_l1', img_size=64).eval()
+    with pytest.raises(ExportCheckError, match='calibrate_batchnorm'):
+        export_onnx(model, tmp_path / 'random.onnx')
+    report = export_torchscript('cabvit_h_l1', img_size=64)
+    assert report['max_abs_output'] > 0.1
 
 
 def test_onnx_export_by_name_with_checkpoint(tmp_path):

@@ -8,10 +8,13 @@ Exports start from a copy of the model in eval mode, re-parameterised by `timm.u
 (BatchNorm folded into the convolutions that have a `fuse()`). The attention biases are functions of the
 parameters only, so ONNX Runtime folds them into constants when it loads a graph.
 
-ONNX goes through the TorchScript-based exporter of `torch.onnx.export` (`dynamo=False`) unless asked otherwise,
-as timm's own `timm.utils.onnx_export` does. Both exporters give graphs that match PyTorch to ~1e-6 and run
-equally fast in ONNX Runtime, but the torch.export-based one (`dynamo=True`, torch's default since 2.9) takes
-5-10 times longer to export these models (20-45 s against 2-7 s on two CPU cores) and needs `onnxscript`.
+ONNX goes through the TorchScript-based exporter of `torch.onnx.export` (`dynamo=False`) at opset 20 unless asked
+otherwise, as timm's own `timm.utils.onnx_export` does, with the ConvNeXt blocks' MLPs as 1x1 convolutions
+(`convnext_mlps_as_convolutions`), which ONNX Runtime runs as NCHWc convolutions: 6-9 % less time for cabvit_h_l1
+and h_l2 than the Linear form at opset 18 (2 threads, benchmarks/cpu_latency.py). The torch.export-based exporter
+(`dynamo=True`, torch's default since 2.9) at opset 23 writes attention as ONNX's Attention node, which ONNX Runtime
+runs fused: 3-5 % less again for cabvit_h_l1, none for h_l2; it takes 3-5 times longer to export these models
+(11-14 s against 2-4 s for cabvit_h_l1 on two CPU cores) and needs `onnxscript`.
 The TorchScript-based exporter is deprecated (a DeprecationWarning, silenced here), and so are `torch.jit.script`,
 `save` and `load` (FutureWarnings, left visible): both still work with torch 2.14 and are kept because timm's
 users and tools expect them.
@@ -19,7 +22,8 @@ users and tools expect them.
 Every check compares the export with PyTorch on random images and reports the largest absolute difference, the
 largest output and their ratio. In eval mode a freshly initialised CabViT-H model's outputs nearly vanish (~1e-20:
 each TME enhance conv shrinks activations at the BatchNorms' initial statistics), so a check of a random model
-compares zeros: `calibrate_batchnorm` first gives it the activation scale of a trained one.
+would compare zeros: it is refused, and a model created by name without a checkpoint gets its statistics from
+`calibrate_batchnorm` first, the activation scale of a trained one.
 """
 import copy
 import io
@@ -31,15 +35,16 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Uni
 
 import torch
 import torch.nn as nn
-from timm.layers import to_2tuple
+from timm.layers import ConvMlp, LayerNorm2d, to_2tuple
+from timm.models.convnext import ConvNeXtBlock
 from timm.utils import reparameterize_model
 
 from .hub import create_model
 from .layers import batchnorm_momentum
 
 __all__ = [
-    'ExportCheckError', 'calibrate_batchnorm', 'export_onnx', 'export_program', 'export_torchscript',
-    'model_input_size', 'onnx_opset_range', 'prepare_model', 'require_onnx',
+    'ExportCheckError', 'calibrate_batchnorm', 'convnext_mlps_as_convolutions', 'export_onnx', 'export_program',
+    'export_torchscript', 'model_input_size', 'onnx_opset_range', 'prepare_model', 'require_onnx',
 ]
 
 ModelOrName = Union[nn.Module, str]
@@ -47,8 +52,12 @@ ImgSize = Union[int, Tuple[int, int]]
 PathLike = Union[str, os.PathLike]
 
 MIN_OPSET = 17
-DEFAULT_OPSET = 18  # the lowest the torch.export-based exporter writes; the TorchScript-based one goes up to 20
+DYNAMO_MIN_OPSET = 18  # the lowest the torch.export-based exporter writes
+DEFAULT_OPSET = 20  # torch's default: the newest the TorchScript-based exporter writes (GELU as one Gelu node)
 ATOL = 1e-4
+# Outputs of at most this size make an export check meaningless (a random CabViT-H model's are ~1e-20).
+VANISHING_OUTPUT = 1e-6
+CALIBRATION_BATCHES = 2  # batches of 8 random images that set a random model's BatchNorm statistics
 
 
 class ExportCheckError(RuntimeError):
@@ -107,7 +116,7 @@ def onnx_opset_range(dynamo: bool = False) -> Tuple[int, int]:
     from torch.onnx import _constants
 
     if dynamo:
-        return DEFAULT_OPSET, getattr(_constants, 'ONNX_MAX_OPSET', DEFAULT_OPSET)
+        return DYNAMO_MIN_OPSET, getattr(_constants, 'ONNX_MAX_OPSET', DYNAMO_MIN_OPSET)
     highest = getattr(_constants, 'ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET', getattr(_constants, 'ONNX_MAX_OPSET', 20))
     return MIN_OPSET, highest
 
@@ -138,7 +147,8 @@ def prepare_model(
     """The model to export: an eval-mode copy, re-parameterised.
 
     Args:
-        model_or_name: A model (left as it is) or a timm model name to create.
+        model_or_name: A model (left as it is) or a timm model name to create; created without a checkpoint, its
+            random weights get BatchNorm statistics calibrated on random images (`calibrate_batchnorm`).
         img_size: Input size; None for the model's own (224 for a name). A given fixed-size model must have been
             built for it; a `dynamic_img_size` model is exported at it, its copy's tables resampled to that size
             as its forward pass would (`set_input_size`).
@@ -162,6 +172,8 @@ def _prepare(
     if isinstance(model_or_name, str):
         kwargs = {} if img_size is None else {'img_size': to_2tuple(img_size)}
         model = create_model(model_or_name, checkpoint=checkpoint, **kwargs)
+        if checkpoint is None:  # random weights: outputs worth comparing need calibrated statistics
+            calibrate_batchnorm(model, CALIBRATION_BATCHES)
     else:
         if checkpoint is not None:
             raise ValueError('checkpoint= loads weights into a model created by name; load them into a given model')
@@ -182,6 +194,28 @@ def _prepare(
     if reparameterize:
         model = reparameterize_model(model, inplace=True)
     return model, params_before, img_size
+
+
+@torch.no_grad()
+def convnext_mlps_as_convolutions(model: nn.Module) -> nn.Module:
+    """The model with each timm ConvNeXt block's LayerNorm and Linear MLP on permuted maps replaced by LayerNorm2d
+    and 1x1 convolutions on NCHW maps (timm's `conv_mlp=True` form): the same function, which ONNX Runtime runs as
+    its NCHWc convolutions without the two transposes per block. Changes the model in place and returns it.
+    """
+    for block in model.modules():
+        if not isinstance(block, ConvNeXtBlock) or block.use_conv_mlp or not isinstance(block.norm, nn.LayerNorm):
+            continue
+        dd = {'device': block.mlp.fc1.weight.device, 'dtype': block.mlp.fc1.weight.dtype}
+        norm = LayerNorm2d(block.norm.normalized_shape[0], eps=block.norm.eps, **dd)
+        norm.load_state_dict(block.norm.state_dict())
+        fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+        mlp = ConvMlp(fc1.in_features, fc1.out_features, fc2.out_features, **dd)
+        mlp.act = block.mlp.act
+        for conv, linear in ((mlp.fc1, fc1), (mlp.fc2, fc2)):
+            conv.weight.copy_(linear.weight[:, :, None, None])
+            conv.bias.copy_(linear.bias)
+        block.norm, block.mlp, block.use_conv_mlp = norm, mlp, True
+    return model
 
 
 def _example_input(model: nn.Module, batch_size: int, img_size: Tuple[int, int]) -> torch.Tensor:
@@ -228,6 +262,11 @@ def _check(
             scale = max(scale, ref.abs().max().item())
     if not diff < atol:
         raise ExportCheckError(f'{what} differs from PyTorch by up to {diff:.3g}, more than the tolerance {atol:g}')
+    if scale <= VANISHING_OUTPUT:
+        raise ExportCheckError(
+            f'{what} was checked on outputs of at most {scale:.1e}, which says nothing: the model\'s outputs vanish, '
+            f'as a random CabViT-H model\'s do at its initial BatchNorm statistics. Load trained weights or '
+            f'calibrate them first (timm_cabvit.deploy.calibrate_batchnorm(model)), or pass check=False.')
     return dict(max_abs_diff=diff, max_abs_output=scale, max_rel_diff=diff / scale if scale else float('inf'),
                 batch_sizes=tuple(batch_sizes))
 
@@ -298,7 +337,7 @@ def export_onnx(
         path: The .onnx file to write.
         img_size: Input size; None for the model's own (224 for a name).
         batch_size: Batch size of the check and, with `dynamic_batch=False`, of the graph.
-        opset: ONNX opset, 17 or newer (18 or newer with `dynamo=True`).
+        opset: ONNX opset, 17 to 20 (18 to 23 with `dynamo=True`, where 23 writes the Attention node).
         dynamic_batch: Make the batch dimension of input and output dynamic.
         reparameterize: Fold BatchNorms into convolutions first.
         check: Run the ONNX checker and compare ONNX Runtime's outputs with PyTorch's.
@@ -320,13 +359,14 @@ def export_onnx(
     onnx, onnxruntime = require_onnx(dynamo) if check or dynamo else (None, None)
     model, params_before, img_size = _prepare(
         model_or_name, img_size, reparameterize, checkpoint, device=torch.device('cpu'), dtype=torch.float32)
+    graph_model = convnext_mlps_as_convolutions(copy.deepcopy(model))
     x = _example_input(model, _trace_batch_size(batch_size, dynamic_batch), img_size)
     path = os.fspath(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     export_args = dict(input_names=['input'], output_names=['output'], opset_version=opset, dynamo=dynamo)
     if dynamo:
         dynamic_shapes = ({0: torch.export.Dim('batch')},) if dynamic_batch else None
-        torch.onnx.export(model, (x,), path, dynamic_shapes=dynamic_shapes, verbose=False, **export_args)
+        torch.onnx.export(graph_model, (x,), path, dynamic_shapes=dynamic_shapes, verbose=False, **export_args)
     else:
         dynamic_axes = {'input': {0: 'batch'}, 'output': {0: 'batch'}} if dynamic_batch else None
         with warnings.catch_warnings():
@@ -335,7 +375,7 @@ def export_onnx(
             warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx')
             warnings.filterwarnings('ignore', message='You are using the legacy TorchScript-based ONNX export')
             warnings.filterwarnings('ignore', message='Constant folding - Only steps=1 can be constant folded')
-            torch.onnx.export(model, (x,), path, dynamic_axes=dynamic_axes, **export_args)
+            torch.onnx.export(graph_model, (x,), path, dynamic_axes=dynamic_axes, **export_args)
 
     report = {'path': path, 'opset': opset, 'exporter': 'dynamo' if dynamo else 'torchscript',
               **_report(model, img_size, params_before, reparameterize, dynamic_batch)}

@@ -29,7 +29,6 @@ __all__ = ['CommandError', 'UsageError', 'build_parser', 'main', 'recipe_path']
 PROG = 'timm-cabvit'
 WARMUP = 2  # untimed passes per model before the timed ones
 ITERS = 5  # timed passes per model: the table shows their median and range
-CALIBRATION_BATCHES = 2  # batches of 8 random images that set a random model's BatchNorm statistics for export-onnx
 
 
 class CommandError(Exception):
@@ -342,16 +341,12 @@ def run_export_onnx(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise CommandError(str(e)) from None
     if args.checkpoint is None:
-        import timm
-
-        model = timm.create_model(name, **({} if args.img_size is None else {'img_size': args.img_size}))
-        deploy.calibrate_batchnorm(model, CALIBRATION_BATCHES, batch_size=8)
-        weights = (f'random weights, BatchNorm statistics calibrated on {CALIBRATION_BATCHES} batches of 8 random '
-                   f'images (at their initial statistics the outputs nearly vanish and the check would compare '
+        weights = (f'random weights, BatchNorm statistics calibrated on {deploy.CALIBRATION_BATCHES} batches of 8 '
+                   f'random images (at their initial statistics the outputs nearly vanish and the check would compare '
                    f'zeros)')
     else:
-        model, weights = name, f'weights of {args.checkpoint}'
-    report = deploy.export_onnx(model, out, img_size=args.img_size, opset=args.opset,
+        weights = f'weights of {args.checkpoint}'
+    report = deploy.export_onnx(name, out, img_size=args.img_size, opset=args.opset,
                                 reparameterize=not args.no_reparam, checkpoint=args.checkpoint)
     h, w = report['img_size']
     print(f"{report['path']}: opset {report['opset']}, input (batch, 3, {h}, {w}), {report['params']:,} parameters "
@@ -447,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='export a model to ONNX and check it against PyTorch with ONNX Runtime')
     onnx.add_argument('model', metavar='NAME', help='model name, e.g. cabvit_h_l2')
     onnx.add_argument('out', metavar='OUT.onnx', help='ONNX file to write, its folder created if needed')
-    onnx.add_argument('--opset', type=int, default=18,
+    onnx.add_argument('--opset', type=int, default=20,
                       help='ONNX opset, from 17 to the newest the installed torch exports (default: %(default)s)')
     onnx.add_argument('--no-reparam', action='store_true',
                       help='export without folding the BatchNorms into the convolutions')
