@@ -1,25 +1,36 @@
-"""CPU inference latency of the CabViT models beside small timm baselines: PyTorch, re-parameterised, ONNX Runtime.
+"""CPU inference latency of the CabViT models beside their timm peers: PyTorch eager, ONNX Runtime, torch.compile.
 
-All models run in one process with as many threads as the process has cores (torch.set_num_threads and ONNX
-Runtime's intra-op threads), at 224x224 in eval mode, with random weights and BatchNorm statistics calibrated
-on random images (`calibrate_batchnorm`). Each figure is the median of `--iters` timed forward
-passes after `--warmup` untimed ones. The CabViT models are also timed after `timm.utils.reparameterize_model`
-(BatchNorm folded); ONNX graphs come from `timm_cabvit.deploy.export_onnx` (re-parameterised, dynamic batch,
-checked against PyTorch). Prints a markdown table and writes it, with the machine description and every
-timing, to benchmarks/results/cpu-<cpu>-<date>.md and .json.
+All models run in one process, at 224x224, batch 1 by default, with random weights whose BatchNorm statistics are
+calibrated on random images (`calibrate_batchnorm`), in eval mode under `inference_mode`. Within each variant the
+models take turns call by call, round after round, so that a change of load or clock hits all of them alike; each
+figure is the median of the rounds, and each ratio against a peer the median of the per-round ratios.
 
-    python benchmarks/cpu_latency.py                       # all models, batch 1 and 8
-    python benchmarks/cpu_latency.py --models cabvit_h_l1 convnext_pico --batch-sizes 1 --iters 10 --no-onnx
+- pytorch: the model as `timm.create_model` gives it; reparam (optional): after `timm.utils.reparameterize_model`;
+- onnxruntime: the graph of `timm_cabvit.deploy.export_onnx` (its defaults; checked against PyTorch), run by an
+  ONNX Runtime CPU session with `--threads` intra-op threads and spinning off (idle threads spinning between calls
+  would slow the other sessions and the PyTorch runs of the process);
+- compiled: `torch.compile` (inductor, default arguments). Its compile time is the first call's, measured in a
+  fresh process per model with inductor's caches off and a small model compiled first: in a shared process a model
+  compiled after others took up to 30 % less, and none should pay for the process's one-time set-up.
+
+Other processes' CPU use is measured before and during each variant (`timm_cabvit.reports.OtherCpuUse`): where
+they kept cores busy that the threads needed, the figures are marked NOT TRUSTWORTHY and, with more than one
+thread, the whole run is repeated on one thread. Prints two markdown tables (latency; ratios against the peers)
+and writes them, with the machine and every timing, to benchmarks/results/cpu-<cpu>-<date>.md and .json.
+
+    python benchmarks/cpu_latency.py                  # the acceptance set of issue 17: h_l1, h_l2 and their peers
+    python benchmarks/cpu_latency.py --models cabvit_h_l1 convnext_pico --variants pytorch --rounds 20
 """
 import argparse
 import datetime
-import functools
+import multiprocessing
 import os
 import platform
 import socket
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,51 +44,38 @@ from bench_utils import (
     num_cores,
     num_params,
     slug,
-    time_interleaved_ms,
     write_json,
 )
 from timm.utils import reparameterize_model
 
-import timm_cabvit  # noqa: F401  (registers the models)
 from timm_cabvit.deploy import calibrate_batchnorm, export_onnx
+from timm_cabvit.reports import OtherCpuUse, contention_note, other_cpu_use
 
-CABVIT_MODELS = ['cabvit_p_l0', 'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3']
-BASELINES = [
-    'deit_tiny_patch16_224', 'convnext_pico', 'efficientformer_l1', 'edgenext_small', 'efficientformer_l3',
-    'convnext_tiny',
-]
-VARIANTS = ('pytorch', 'reparam', 'onnxruntime')
+# each CabViT model and the timm models it is compared with (the paper's comparators and ConvNeXt of its size)
+PEERS = {
+    'cabvit_h_l1': ['convnext_pico', 'efficientformer_l1'],
+    'cabvit_h_l2': ['convnext_tiny', 'efficientformer_l3', 'nextvit_small'],
+    'cabvit_h_l3': ['convnext_small', 'efficientformer_l7'],
+    'cabvit_p_l0': ['deit_tiny_patch16_224'],
+}
+DEFAULT_MODELS = ['cabvit_h_l1', *PEERS['cabvit_h_l1'], 'cabvit_h_l2', *PEERS['cabvit_h_l2']]
+VARIANTS = ('pytorch', 'reparam', 'onnxruntime', 'compiled')
+LABELS = {'pytorch': 'PyTorch', 'reparam': 're-param', 'onnxruntime': 'ORT', 'compiled': 'compiled'}
 IMG_SIZE = (224, 224)  # every model here was made for it; the CabViT models are built for one size
 
-
-def machine_description(threads: int) -> Dict[str, object]:
-    import onnxruntime
-
-    return {
-        'cpu': cpu_model(),
-        'cores': num_cores(),
-        'threads': threads,
-        'hostname': socket.gethostname(),
-        'platform': platform.platform(),
-        'python': platform.python_version(),
-        'torch': torch.__version__,
-        'timm': timm.__version__,
-        'onnxruntime': onnxruntime.__version__,
-        'load_average_start': os.getloadavg(),
-    }
+Runner = Callable[[torch.Tensor], object]
 
 
 class OnnxRuntimeModel:
     """The model exported by `export_onnx` (and checked against PyTorch), run by an ONNX Runtime CPU session."""
 
-    def __init__(self, model: torch.nn.Module, path: Path, img_size: Tuple[int, int], threads: int):
+    def __init__(self, model: torch.nn.Module, path: Path, threads: int):
         import onnxruntime
 
-        self.report = export_onnx(model, path, img_size=img_size)
+        self.report = export_onnx(model, path, img_size=IMG_SIZE)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # idle threads that spin between runs would slow the PyTorch runs of the same process
         options.add_session_config_entry('session.intra_op.allow_spinning', '0')
         self.session = onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
 
@@ -85,130 +83,201 @@ class OnnxRuntimeModel:
         return self.session.run(None, {'input': x.numpy()})
 
 
-def measure_model(
-        name: str,
-        batch_sizes: Sequence[int],
-        variants: Sequence[str],
-        img_size: Tuple[int, int],
-        warmup: int,
-        iters: int,
-        threads: int,
-        workdir: Path,
-) -> Dict[str, object]:
-    """Timings of one model in each variant that applies to it (re-param: CabViT only) and each batch size."""
-    model = calibrate_batchnorm(timm.create_model(name), 1, img_size)
-    runners: Dict[str, Callable[[torch.Tensor], object]] = {'pytorch': model}
-    record: Dict[str, object] = {'model': name, 'params': num_params(model), 'times_ms': {}}
-    if 'reparam' in variants and name in CABVIT_MODELS:
-        runners['reparam'] = reparameterize_model(model)
-        record['params_reparam'] = num_params(runners['reparam'])
-    if 'onnxruntime' in variants:
-        runners['onnxruntime'] = OnnxRuntimeModel(model, workdir / f'{name}.onnx', img_size, threads)
-        record['onnx_max_abs_diff'] = runners['onnxruntime'].report['max_abs_diff']
+def compile_seconds(name: str, batch_size: int, threads: int) -> float:
+    """Seconds of the first call of `torch.compile(model)`, compilation included; run in a fresh process."""
+    torch.set_num_threads(threads)
+    torch._inductor.config.force_disable_caches = True
     with torch.inference_mode():
-        for batch_size in batch_sizes:
-            x = torch.randn(batch_size, 3, *img_size)
-            timed = {}
-            # PyTorch variants take turns; ONNX Runtime runs on its own, as the two thread pools slow each other
-            for group in ([v for v in runners if v != 'onnxruntime'], [v for v in runners if v == 'onnxruntime']):
-                timed.update(time_interleaved_ms({v: functools.partial(runners[v], x) for v in group}, warmup, iters))
-            for variant, times in timed.items():
-                record['times_ms'][f'{variant}@{batch_size}'] = times
-                print(f'  {name:<24} batch {batch_size:<3} {variant:<12} {statistics.median(times):8.1f} ms',
-                      file=sys.stderr, flush=True)
-    return record
+        torch.compile(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()))(torch.randn(2, 8))
+    model = calibrate_batchnorm(timm.create_model(name), 1)
+    compiled = torch.compile(model)
+    x = torch.randn(batch_size, 3, *IMG_SIZE)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        compiled(x)
+    return time.perf_counter() - start
 
 
-def latency_table(records: List[Dict[str, object]], batch_sizes: Sequence[int], variants: Sequence[str]) -> str:
-    """Median ms per model (rows) and batch size x variant (columns); '-' where a variant does not apply."""
-    labels = {'pytorch': 'PyTorch', 'reparam': 're-param', 'onnxruntime': 'ORT'}
-    columns = [(b, v) for b in batch_sizes for v in variants]
-    header = ['model', 'params'] + [f'b{b} {labels[v]}' for b, v in columns]
+def fresh_compile_seconds(name: str, batch_size: int, threads: int) -> float:
+    with multiprocessing.get_context('spawn').Pool(1) as pool:
+        return pool.apply(compile_seconds, (name, batch_size, threads))
+
+
+def build_runners(
+        names: Sequence[str], variants: Sequence[str], batch_size: int, threads: int, workdir: Path,
+) -> Tuple[Dict[str, Dict[str, Runner]], Dict[str, Dict[str, object]]]:
+    """Per variant, the callable of each model; per model, its parameters, ONNX check and compile time."""
+    runners: Dict[str, Dict[str, Runner]] = {v: {} for v in variants}
+    records: Dict[str, Dict[str, object]] = {}
+    x = torch.randn(batch_size, 3, *IMG_SIZE)
+    for name in names:
+        print(f'  preparing {name}', file=sys.stderr, flush=True)
+        model = calibrate_batchnorm(timm.create_model(name), 1)
+        records[name] = {'model': name, 'params': num_params(model)}
+        if 'pytorch' in variants:
+            runners['pytorch'][name] = model
+        if 'reparam' in variants:
+            runners['reparam'][name] = reparameterize_model(model)
+        if 'onnxruntime' in variants:
+            ort_model = OnnxRuntimeModel(model, workdir / f'{name}.onnx', threads)
+            runners['onnxruntime'][name] = ort_model
+            records[name]['onnx_max_abs_diff'] = ort_model.report['max_abs_diff']
+        if 'compiled' in variants:
+            records[name]['compile_s'] = fresh_compile_seconds(name, batch_size, threads)
+            runners['compiled'][name] = torch.compile(model)
+            with torch.inference_mode():
+                runners['compiled'][name](x)
+    return runners, records
+
+
+def time_rounds(runners: Dict[str, Runner], x: torch.Tensor, warmup: int, rounds: int) -> Dict[str, List[float]]:
+    """Milliseconds of each model's call in each round; the models take turns, call by call."""
+    with torch.inference_mode():
+        for run in runners.values():
+            for _ in range(warmup):
+                run(x)
+        times: Dict[str, List[float]] = {name: [] for name in runners}
+        for _ in range(rounds):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run(x)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure(runners: Dict[str, Dict[str, Runner]], batch_size: int, warmup: int, rounds: int,
+            ) -> Tuple[Dict[str, Dict[str, List[float]]], Dict[str, List[Optional[float]]]]:
+    """The timings of every variant, and the cores other processes kept busy before and during each."""
+    x = torch.randn(batch_size, 3, *IMG_SIZE)
+    times, others = {}, {}
+    for variant, models in runners.items():
+        print(f'  timing {variant}', file=sys.stderr, flush=True)
+        before = other_cpu_use()
+        with OtherCpuUse() as during:
+            times[variant] = time_rounds(models, x, warmup, rounds)
+        others[variant] = [before, during.cores]
+    return times, others
+
+
+def paired_ratio(times: Dict[str, List[float]], name: str, peer: str) -> Optional[float]:
+    """Median over the rounds of `name`'s time over `peer`'s in the same round."""
+    if name not in times or peer not in times:
+        return None
+    return statistics.median(a / b for a, b in zip(times[name], times[peer]))
+
+
+def latency_table(names: Sequence[str], records: Dict[str, Dict[str, object]],
+                  times: Dict[str, Dict[str, List[float]]]) -> str:
+    variants = list(times)
+    header = ['model', 'params'] + [f'{LABELS[v]} ms' for v in variants]
+    if 'compiled' in variants:
+        header.append('compile s')
     rows = []
-    for record in records:
-        cells = []
-        for b, v in columns:
-            times = record['times_ms'].get(f'{v}@{b}')
-            cells.append('-' if times is None else f'{statistics.median(times):.1f}')
-        rows.append([str(record['model']), f"{record['params'] / 1e6:.2f} M"] + cells)
+    for name in names:
+        row = [name, f"{records[name]['params'] / 1e6:.2f} M"]
+        row += [f'{statistics.median(times[v][name]):.1f}' for v in variants]
+        if 'compiled' in variants:
+            row.append(f"{records[name]['compile_s']:.1f}")
+        rows.append(row)
     return markdown_table(header, rows, right=[False] + [True] * (len(header) - 1))
 
 
-def write_results(
-        records: List[Dict[str, object]], machine: Dict[str, object], settings: Dict[str, object], table: str,
-        out_dir: Path,
-) -> Path:
-    """Write the .json (every timing) and .md (table and machine) result files; return the .md path."""
-    name = f"cpu-{slug(machine['cpu']) or slug(machine['hostname'])}"
-    json_path = Path(dated_result_path(str(out_dir), name, '.json'))
-    write_json(str(json_path), {'machine': machine, 'settings': settings, 'results': records}, indent=1)
-    onnx_diffs = ', '.join(
-        f"{r['model']} {r['onnx_max_abs_diff']:.1e}" for r in records if 'onnx_max_abs_diff' in r)
-    load = ', '.join(f'{a:.2f}' for a in machine['load_average_start'])
-    load_end = ', '.join(f'{a:.2f}' for a in machine['load_average_end'])
-    text = '\n'.join([
-        f"# CPU latency, {settings['date']}",
-        '',
-        f"Median ms per forward pass over {settings['iters']} runs after {settings['warmup']} warm-up runs, "
-        f"{settings['img_size']}x{settings['img_size']} input, random weights with BatchNorm statistics "
-        'calibrated on random images, eval mode, inference_mode, '
-        f"{machine['threads']} threads (PyTorch and ONNX Runtime), all models in one process, the PyTorch variants of "
-        'a model taking turns call by call. '
-        're-param: `timm.utils.reparameterize_model` (CabViT models only); ORT: ONNX Runtime '
-        f"{machine['onnxruntime']} on the CPU execution provider, graphs from `timm_cabvit.deploy.export_onnx`.",
-        '',
-        table,
-        '',
-        f'- ONNX Runtime against PyTorch, largest absolute difference of the outputs: {onnx_diffs}'
-        if onnx_diffs else '- ONNX Runtime not measured (--no-onnx)',
-        f"- CPU: {machine['cpu']}, {machine['cores']} cores available to the process",
-        f"- host: {machine['hostname']}, {machine['platform']}, Python {machine['python']}",
-        f"- torch {machine['torch']}, timm {machine['timm']}, onnxruntime {machine['onnxruntime']}",
-        f'- load average (1, 5, 15 min) at start: {load}; at end: {load_end}. A figure above 0 before the run '
-        'means other jobs shared the machine and the timings are slower and noisier than on an idle one.',
-        f"- command: `{settings['command']}`",
-        '',
-    ])
-    md_path = json_path.with_suffix('.md')
-    md_path.write_text(text)
-    return md_path
+def ratio_table(names: Sequence[str], records: Dict[str, Dict[str, object]],
+                times: Dict[str, Dict[str, List[float]]]) -> str:
+    """Each CabViT model's time over each peer's present in the run, per variant (below 1: faster)."""
+    variants = list(times)
+    header = ['model / peer'] + [LABELS[v] for v in variants]
+    if 'compiled' in variants:
+        header.append('compile time')
+    rows = []
+    for name in names:
+        for peer in PEERS.get(name, []):
+            if peer not in names:
+                continue
+            cells = [paired_ratio(times[v], name, peer) for v in variants]
+            row = [f'{name} / {peer}'] + ['-' if c is None else f'{c:.2f}' for c in cells]
+            if 'compiled' in variants:
+                row.append(f"{records[name]['compile_s'] / records[peer]['compile_s']:.2f}")
+            rows.append(row)
+    return markdown_table(header, rows, right=[False] + [True] * (len(header) - 1))
+
+
+def machine_description(threads: int) -> Dict[str, object]:
+    import onnxruntime
+
+    return {
+        'cpu': cpu_model(), 'cores': num_cores(), 'threads': threads, 'hostname': socket.gethostname(),
+        'platform': platform.platform(), 'python': platform.python_version(), 'torch': torch.__version__,
+        'timm': timm.__version__, 'onnxruntime': onnxruntime.__version__, 'load_average_start': os.getloadavg(),
+    }
+
+
+def run(args: argparse.Namespace, threads: int, workdir: Path) -> Dict[str, object]:
+    torch.set_num_threads(threads)
+    runners, records = build_runners(args.models, args.variants, args.batch_size, threads, workdir)
+    times, others = measure(runners, args.batch_size, args.warmup, args.rounds)
+    notes = [n for n in (contention_note(others[v], threads) for v in times) if n]
+    return dict(threads=threads, records=records, times=times, other_cores=others, notes=notes)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=CABVIT_MODELS + BASELINES, metavar='NAME',
-                        help='timm model names (default: the four CabViT models and six baselines)')
-    parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 8], metavar='N',
-                        help='batch sizes (default: %(default)s)')
-    parser.add_argument('--iters', type=int, default=20, help='timed runs per figure (default: %(default)s)')
-    parser.add_argument('--warmup', type=int, default=3, help='untimed runs before them (default: %(default)s)')
+    parser.add_argument('--models', nargs='+', default=DEFAULT_MODELS, metavar='NAME',
+                        help='timm model names (default: %(default)s)')
+    parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=['pytorch', 'onnxruntime', 'compiled'],
+                        help='what to time (default: %(default)s)')
+    parser.add_argument('--batch-size', type=int, default=1, help='images per call (default: %(default)s)')
+    parser.add_argument('--rounds', type=int, default=40, help='timed rounds (default: %(default)s)')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed calls of each model first (default: 3)')
     parser.add_argument('--threads', type=int, default=num_cores(),
                         help='threads of PyTorch and ONNX Runtime (default: the cores available, %(default)s)')
-    parser.add_argument('--no-onnx', action='store_true', help='skip the ONNX Runtime measurements')
     parser.add_argument('--out-dir', type=Path, default=Path(RESULTS_DIR), help='where to write the result files')
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    variants = [v for v in VARIANTS if not (args.no_onnx and v == 'onnxruntime')]
     machine = machine_description(args.threads)
-    records = []
     with tempfile.TemporaryDirectory() as workdir:
-        for name in args.models:
-            records.append(measure_model(
-                name, args.batch_sizes, variants, IMG_SIZE, args.warmup, args.iters, args.threads, Path(workdir)))
+        result = run(args, args.threads, Path(workdir))
+        if result['notes'] and args.threads > 1:
+            print('  other processes slowed the run: measuring again on 1 thread', file=sys.stderr, flush=True)
+            first = result
+            result = run(args, 1, Path(workdir))
+            result['notes'] = [f'Measured on 1 thread: at {args.threads} threads, ' + n[0].lower() + n[1:]
+                               for n in first['notes']] + result['notes']
     machine['load_average_end'] = os.getloadavg()
-    table = latency_table(records, args.batch_sizes, variants)
+    tables = [latency_table(args.models, result['records'], result['times']),
+              ratio_table(args.models, result['records'], result['times'])]
     settings = {
-        'date': datetime.datetime.now().isoformat(timespec='seconds'),
-        'batch_sizes': args.batch_sizes, 'iters': args.iters, 'warmup': args.warmup, 'img_size': IMG_SIZE[0],
+        'date': datetime.datetime.now().isoformat(timespec='seconds'), 'batch_size': args.batch_size,
+        'rounds': args.rounds, 'warmup': args.warmup, 'img_size': IMG_SIZE[0], 'threads': result['threads'],
         'command': ' '.join(['python', 'benchmarks/cpu_latency.py', *(argv if argv is not None else sys.argv[1:])]),
     }
-    path = write_results(records, machine, settings, table, args.out_dir)
-    print(table)
-    print(f'\nwritten: {path} and {path.with_suffix(".json")}')
+    others = ', '.join(f'{v} {max(c for c in cores if c is not None):.2f}' if any(c is not None for c in cores)
+                       else f'{v} unknown' for v, cores in result['other_cores'].items())
+    text = '\n'.join([
+        f"# CPU latency, {settings['date']}", '',
+        f"Median ms per call over {args.rounds} rounds (the models taking turns call by call) after {args.warmup} "
+        f"warm-up calls, batch {args.batch_size}, {IMG_SIZE[0]}x{IMG_SIZE[1]}, {result['threads']} threads "
+        f"(PyTorch and ONNX Runtime), random weights with BatchNorm statistics calibrated, eval mode, inference_mode, "
+        f"all models in one process. Method: the docstring of `benchmarks/cpu_latency.py`.", '',
+        tables[0], '', 'Time over each peer\'s, median of the per-round ratios (below 1: faster):', '', tables[1], '',
+        *[f'**{n}**' for n in result['notes']],
+        f'- cores kept busy by other processes (most before or during each variant): {others}',
+        f"- CPU: {machine['cpu']}, {machine['cores']} cores available to the process",
+        f"- host: {machine['hostname']}, {machine['platform']}, Python {machine['python']}",
+        f"- torch {machine['torch']}, timm {machine['timm']}, onnxruntime {machine['onnxruntime']}",
+        f"- load average (1, 5, 15 min) at start: {', '.join(f'{a:.2f}' for a in machine['load_average_start'])}; "
+        f"at end: {', '.join(f'{a:.2f}' for a in machine['load_average_end'])}",
+        f"- command: `{settings['command']}`", '',
+    ])
+    json_path = Path(dated_result_path(str(args.out_dir), f"cpu-{slug(machine['cpu']) or slug(machine['hostname'])}",
+                                       '.json'))
+    write_json(str(json_path), {'machine': machine, 'settings': settings, **result}, indent=1)
+    json_path.with_suffix('.md').write_text(text)
+    print(text)
+    print(f'written: {json_path} and {json_path.with_suffix(".md")}')
 
 
 if __name__ == '__main__':

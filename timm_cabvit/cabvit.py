@@ -79,9 +79,11 @@ def _exporting_onnx() -> bool:
 
 
 @torch.jit.unused
-def _requires_grad(x: torch.Tensor) -> bool:
-    """False for FX proxies, which trace the gradient-free layout (both give the same bias)."""
-    return isinstance(x, torch.Tensor) and x.requires_grad
+def _gather_whole_bias(table: torch.Tensor) -> bool:
+    """Whether to gather the bias by one index of it: where the tables get gradients (fewer, larger backward ops)
+    and under torch.compile (one simple gather kernel per block instead of a fused layout kernel to compile);
+    not for FX proxies, which trace the layout (both give the same bias)."""
+    return isinstance(table, torch.Tensor) and (table.requires_grad or torch.compiler.is_compiling())
 
 
 @torch.jit.unused
@@ -318,8 +320,8 @@ class CrossBlockAttention(nn.Module):
         (torch 2.14) and ONNX Runtime broadcasts either.
         """
         table = self._tables(grid_size).to(dtype)
-        needs_grad = table.requires_grad if torch.jit.is_scripting() else _requires_grad(table)
-        if grid_size == self.grid_size and needs_grad:
+        gather = table.requires_grad if torch.jit.is_scripting() else _gather_whole_bias(table)
+        if grid_size == self.grid_size and gather:
             prefix, width = self.pos_bias.num_prefix_tokens, grid_size[1]
             positions = self.bias_positions[0 if rows[0] == 0 else prefix + rows[0] * width:prefix + rows[1] * width]
             bias = table.index_select(1, positions.flatten()).view(self.num_heads, -1, positions.shape[1])

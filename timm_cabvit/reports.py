@@ -24,7 +24,8 @@ from .flops import COMPONENTS, count_flops, flops_by_component
 
 __all__ = [
     'PAPER', 'PAPER_EXTRA_COMPUTE', 'PAPER_TABLE4', 'Timing', 'ablation_ladder', 'ablation_table', 'flops_report',
-    'flops_table', 'load_note', 'measure_throughput', 'models_table', 'save_flops_plot',
+    'BUSY_CORES', 'OtherCpuUse', 'contention_note', 'flops_table', 'measure_throughput', 'models_table',
+    'other_cpu_use', 'save_flops_plot',
 ]
 
 
@@ -106,59 +107,123 @@ def measure_throughput(model: torch.nn.Module, timing: Timing, progress: Any = N
     return rates
 
 
-def _load_average() -> Optional[float]:
-    """The 1-minute load average, None where the system has none (Windows)."""
+# Cores other processes may keep busy, beyond those the timed threads leave free, before a figure is no longer a
+# speed: with every core in use (2 threads on 2 cores), one busy core from elsewhere makes OpenMP threads wait on
+# each other, up to ~10x slower.
+BUSY_CORES = 0.25
+
+
+def _cpu_seconds() -> Optional[Tuple[float, float, float]]:
+    """Busy CPU seconds of the CPUs this process may run on (steal time included: other guests of a virtual
+    machine's host), this process's own CPU seconds, and the wall clock; None where /proc/stat is missing."""
     try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
+        cpus = {f'cpu{i}' for i in os.sched_getaffinity(0)}
+        busy = 0
+        with open('/proc/stat') as f:
+            for line in f:
+                name, *fields = line.split()
+                if name in cpus:
+                    user, nice, system, _, _, irq, softirq, steal = map(int, fields[:8])
+                    busy += user + nice + system + irq + softirq + steal
+        return busy / os.sysconf('SC_CLK_TCK'), time.process_time(), time.perf_counter()
+    except (AttributeError, OSError, ValueError):
         return None
 
 
-def load_note(before: Optional[float], after: Optional[float], cpus: Optional[int] = None) -> Optional[str]:
-    """A note that the machine was busy while measuring, when its load average exceeded its CPU count."""
-    cpus = cpus or os.cpu_count() or 1
-    if before is None or after is None or max(before, after) <= cpus:
+class OtherCpuUse:
+    """The cores other processes kept busy while a block ran (`cores`, None where it cannot be told): the busy time
+    of this process's CPUs beyond its own CPU time, per second."""
+
+    cores: Optional[float] = None
+
+    def __enter__(self) -> 'OtherCpuUse':
+        self._start = _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        end = _cpu_seconds()
+        if self._start is not None and end is not None and end[2] > self._start[2]:
+            busy, own, wall = (e - s for e, s in zip(end, self._start))
+            self.cores = max(0., busy - own) / wall
+
+
+def other_cpu_use(seconds: float = 0.5) -> Optional[float]:
+    """Cores other processes keep busy now, over `seconds` of this process doing nothing."""
+    with OtherCpuUse() as other:
+        time.sleep(seconds)
+    return other.cores
+
+
+def contention_note(cores: Sequence[Optional[float]], threads: int) -> Optional[str]:
+    """A note that the figures measured are not speeds, when other processes kept busy more than the cores the
+    `threads` left free, plus BUSY_CORES, before or while measuring; None when they did not, or where that cannot
+    be told."""
+    known = [c for c in cores if c is not None]
+    available = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    if not known or max(known) <= max(0, available - threads) + BUSY_CORES:
         return None
-    return (f'note: the machine was loaded (load average {before:.1f} before and {after:.1f} after measuring, '
-            f'{cpus} CPUs): other processes took CPU time, so the speeds are low and spread; measure again on an '
-            f'idle machine for figures to compare')
+    return (f'NOT TRUSTWORTHY: other processes kept {max(known):.1f} of the {available} cores busy while measuring '
+            f'with {threads} thread{"s" if threads > 1 else ""}; the figures above are slowed by them (with threads '
+            f'on every core, up to ~10x), not speeds. Measure on an idle machine, or with fewer --threads while it '
+            f'is shared.')
 
 
 def _fmt(value: Optional[float], width: int, suffix: str = '') -> str:
     return format('-' if value is None else f'{value:.1f}{suffix}', f'>{width}')
 
 
+def _measure_all(models: Dict[str, torch.nn.Module], timing: Timing, progress: Any) -> Tuple[Dict[str, List[float]],
+                                                                                          List[Optional[float]]]:
+    """Images/s of every pass of each model, and the cores other processes kept busy before and while measuring."""
+    cpu = timing.device.type == 'cpu'
+    before = other_cpu_use() if cpu else None
+    with OtherCpuUse() as during:
+        rates = {}
+        for name, model in models.items():
+            _working_on(progress, name)
+            rates[name] = measure_throughput(model, timing, progress)
+    return rates, [before, during.cores if cpu else None]
+
+
 def models_table(model_names: Sequence[str], timing: Timing, progress: Any = None) -> List[str]:
     """Rows of the overview table: our parameters and FLOPs, the paper's figures, and measured images/s.
 
     The models are built for `timing.img_size`. The speed is the median over the timed forward passes of a batch
-    of random images (after the untimed ones), with the slowest and fastest pass beside it. A last row notes a
-    machine that was loaded (its 1-minute load average above its CPU count, before or after measuring).
-    `progress` advances once per pass.
+    of random images (after the untimed ones), with the slowest and fastest pass beside it. On the CPU, when other
+    processes kept cores busy before or while measuring (`BUSY_CORES`), the speeds are measured again on one thread,
+    where sharing costs ~1.5x instead of ~10x, and a note says so; if that is shared too, a note says the figures
+    are not speeds. `progress` advances once per pass.
     """
     batch_size, img_size, device, warmup, iters = timing
-    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'
+    models = {name: timm.create_model(name, img_size=img_size).eval() for name in model_names}
+    flops = {name: count_flops(model, img_size) / 1e9 for name, model in models.items()}
+    models = {name: model.to(device) for name, model in models.items()}
+    rates, others = _measure_all(models, timing, progress)
+    threads, notes = torch.get_num_threads(), []
+    if device.type == 'cpu' and contention_note(others, threads) and threads > 1:
+        notes.append(f'note: other processes kept {max(c for c in others if c is not None):.1f} cores busy while '
+                     f'measuring with {threads} threads; measured again on 1 thread')
+        torch.set_num_threads(1)
+        try:
+            rates, others = _measure_all(models, timing, None)
+        finally:
+            torch.set_num_threads(threads)
+        threads = 1
+    note = contention_note(others, threads) if device.type == 'cpu' else None
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{threads} thread{"s" * (threads > 1)}'
     header = (f"{'model':<12} {'params':>11} {'GFLOPs':>7} | {'paper params':>12} {'paper GFLOPs':>12} "
               f"{'paper top-1':>11} | {'img/s':>7} {'min-max':>13}")
     rows = [f'{img_size[0]}x{img_size[1]} input, batch {batch_size}, {device.type} ({where}); img/s: median of '
             f'{iters} timed passes after {warmup} warm-up, the slowest and fastest beside it',
             header, '-' * len(header)]
-    load_before = _load_average()
-    for name in model_names:
-        _working_on(progress, name)
-        model = timm.create_model(name, img_size=img_size).eval()
-        gflops = count_flops(model, img_size) / 1e9
-        rates = measure_throughput(model.to(device), timing, progress)
+    for name, model in models.items():
         paper = PAPER.get(name) or {}
-        spread = f'{min(rates):.1f}-{max(rates):.1f}'
+        spread = f'{min(rates[name]):.1f}-{max(rates[name]):.1f}'
         rows.append(
-            f"{name:<12} {_num_params(model):>11,} {gflops:>7.3f} | {_fmt(paper.get('params_m'), 12, ' M')} "
-            f"{_fmt(paper.get('gflops'), 12)} {_fmt(paper.get('top1'), 11)} | {statistics.median(rates):>7.1f} "
+            f"{name:<12} {_num_params(model):>11,} {flops[name]:>7.3f} | {_fmt(paper.get('params_m'), 12, ' M')} "
+            f"{_fmt(paper.get('gflops'), 12)} {_fmt(paper.get('top1'), 11)} | {statistics.median(rates[name]):>7.1f} "
             f"{spread:>13}")
-    note = load_note(load_before, _load_average())
-    if note:
-        rows.append(note)
-    return rows
+    return rows + notes + ([note] if note else [])
 
 
 # FLOPs and parameters by component (Fig. 5)

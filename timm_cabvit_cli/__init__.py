@@ -208,7 +208,12 @@ def run_table(args: argparse.Namespace) -> None:
 
     names = _models(args.models or timm.list_models('cabvit*'), args.img_size)
     device = _timing_device(args.device)
+    import torch
+
     from timm_cabvit.reports import Timing, models_table
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     timing = Timing(args.batch_size, args.img_size, device, args.warmup, args.iters)
     with _progress(len(names) * (args.warmup + args.iters), 'measuring', 'pass') as progress:
@@ -383,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="CabViT models for timm. With no command: a table of the models with their parameters, "
                     "fvcore FLOPs (one multiply-add = one FLOP, as the paper counts), the paper's parameters, "
                     "FLOPs and ImageNet top-1 beside ours, and measured inference images/s on this machine "
-                    "(median and range of the timed passes; a note when the machine was loaded).",
+                    "(median and range of the timed passes; a note when other processes kept cores busy).",
         epilog='Exit codes: 0 success, 2 a command line that cannot work as written, 1 a failure while running.')
     parser.add_argument('--models', nargs='+', metavar='NAME', help='models to show (default: all four)')
     parser.add_argument('--batch-size', type=_int_at_least(1), default=8,
@@ -394,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='untimed passes per model (default: %(default)s)')
     parser.add_argument('--iters', type=_int_at_least(1), default=ITERS,
                         help='timed passes per model; their median and range are shown (default: %(default)s)')
+    parser.add_argument('--threads', type=_int_at_least(1),
+                        help="torch's CPU threads when measuring (default: torch's, one per core). When other "
+                             "processes keep cores busy the figures are measured again on 1 thread, and a note says "
+                             "when they are not speeds at all")
     parser.set_defaults(func=run_table, command=None)
     commands = parser.add_subparsers(dest='command', metavar='COMMAND')
 
