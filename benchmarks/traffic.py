@@ -7,16 +7,16 @@ whether a change removes launches or bytes, on any machine.
 
 How: the model runs on fake CUDA tensors (`FakeTensorMode`: shapes, dtypes and strides without memory, so batch 256
 costs what batch 1 does) under CUDA's autocast, so that the casts, the channels_last layouts and the fused TME's
-custom ops (`auto` picks them for CUDA tensors) are those of a GPU run. A `TorchDispatchMode` records every op that
-reaches the backends, with the module running it (a stack kept by forward pre/post hooks). Autograd cannot run
-backward on fake CUDA tensors without a CUDA driver, so a training step replays the recorded forward ops one by one
-on `meta` tensors, where the casts are already explicit ops, and runs backward and the SGD step (foreach, as on
-CUDA) there; a backward op belongs to the module whose forward op made the autograd node running it
+custom ops (`--tme triton`) are those of a GPU run. A `TorchDispatchMode` records every op that reaches the
+backends, with the module running it (a stack kept by forward pre/post hooks). Autograd cannot run backward on fake
+CUDA tensors without a CUDA driver, so a training step replays the recorded forward ops one by one on `meta`
+tensors, where the casts are already explicit ops, and runs backward and the SGD step (foreach, as on CUDA) there; a
+backward op belongs to the module whose forward op made the autograd node running it
 (`torch._C._current_autograd_node`), a gradient accumulation to the parameter's module. Without a GPU,
 `scaled_dot_product_attention` cannot pick its CUDA kernel, so `--sdpa` routes it as ATen's attention.cpp does:
 memory-efficient attention (default; the float mask padded to a multiple of 8 and expanded to the batch), cuDNN
 (where the mask needs no gradient), or the math path. Inference counts the second of two passes in one autocast
-context, as benchmarks/models.py times it: eval caches filled, weights cast once; a training step casts them anew.
+context, as benchmarks/models.py times it: weights cast once; a training step casts them anew.
 
 Rules: an op is one dispatcher call that does work, reported per pass (a foreach op, a convolution backward or a
 fused TME op may launch several kernels; the TME's Triton launches are in the grid table). Views

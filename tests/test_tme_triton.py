@@ -154,8 +154,22 @@ def test_path_selection():
     assert tme._use_triton(x)
     tme.set_impl('auto')
     assert not tme._use_triton(x)
-    if DEVICE.type == 'cuda':
-        assert tme._use_triton(x.to(DEVICE)) == HAS_TRITON
+
+
+def test_auto_picks_the_fused_tme_only_where_it_was_measured_faster():
+    """Batched CUDA inference without gradients (faster there on an H100); the PyTorch path for training, for
+    inputs that need gradients and for small batches (slower there)."""
+    tme = TokenMergeEnhance(8, (4, 4)).eval()
+    tme.set_impl('auto')
+    batched = torch.empty(tme_module.FUSED_TME_MIN_BATCH, 16, 8, device='meta')
+    with mock.patch.object(torch.Tensor, 'is_cuda', property(lambda t: True)), \
+            mock.patch.object(tme_module, 'HAS_TRITON', True):
+        assert tme._use_triton(batched)
+        assert not tme._use_triton(batched[:tme_module.FUSED_TME_MIN_BATCH - 1])
+        assert not tme._use_triton(batched[:1])
+        assert not tme._use_triton(batched.clone().requires_grad_())
+        assert not tme.train()._use_triton(batched)
+    assert not tme.eval()._use_triton(batched)  # not a CUDA tensor
 
 
 @requires_triton

@@ -15,13 +15,19 @@ import torch.nn.functional as F
 
 from .layers import FoldableConvNormAct, channels_last_parameter
 
-__all__ = ['TME_IMPLS', 'TokenMergeEnhance', 'get_tme_impl', 'set_tme_impl']
+__all__ = ['FUSED_TME_MIN_BATCH', 'TME_IMPLS', 'TokenMergeEnhance', 'get_tme_impl', 'set_tme_impl']
 
 Grid = Tuple[int, int]
 
 MERGE_STRIDE = 4
 HAS_TRITON = importlib.util.find_spec('triton') is not None
 TME_IMPLS = ('auto', 'triton', 'torch')
+# 'auto' picks the fused kernel only where it was measured faster: one H100, bf16 autocast, channels-last, eager
+# (../shared/perf-notes.md, 2026-11-27). Inference without gradients at batch 256: cabvit_h_l2 8,115 img/s fused
+# against 7,707 with the PyTorch TME (+5 %), cabvit_h_l1 12,574 against 12,024 (+5 %). Slower everywhere else that
+# was measured: training at batch 128 (h_l2 1,657 against 1,792 img/s, h_l1 1,751 against 2,307) and batch-1 fp32
+# inference (h_l2 17.2 against 8.3 ms). Batches between 1 and 256 were not measured: they take the PyTorch path.
+FUSED_TME_MIN_BATCH = 256
 
 _TME_IMPL = os.environ.get('TIMM_CABVIT_TME', 'auto')
 
@@ -39,7 +45,8 @@ def get_tme_impl() -> str:
 
 
 def set_tme_impl(impl: str, model: Optional[nn.Module] = None) -> None:
-    """Select the TME implementation: 'auto' (Triton for CUDA tensors), 'triton' (fused kernel) or 'torch'.
+    """Select the TME implementation: 'auto' (the measured rule of `TokenMergeEnhance._use_triton`), 'triton'
+    (fused kernel) or 'torch'.
 
     As timm's `set_fused_attn`, one setting for every model, read at forward time; with `model`, only for the
     TME modules of that model, overriding the setting.
@@ -62,8 +69,9 @@ class TokenMergeEnhance(nn.Module):
 
     Two implementations compute it: the PyTorch one in `forward`, the reference and all that TorchScript and FX
     tracing see, and a fused Triton kernel (`tme_triton`) that works on the tokens in place. `tme_impl` picks one:
-    'torch', 'triton', 'auto' (Triton for CUDA tensors when Triton is installed), or None for the module-level
-    setting (`set_tme_impl`, from the environment variable TIMM_CABVIT_TME, default 'auto').
+    'torch', 'triton', 'auto' (Triton where it was measured faster: CUDA inference without gradients in batches of
+    at least FUSED_TME_MIN_BATCH), or None for the module-level setting (`set_tme_impl`, from the environment
+    variable TIMM_CABVIT_TME, default 'auto').
     """
     tme_impl: Optional[str]
 
@@ -104,7 +112,9 @@ class TokenMergeEnhance(nn.Module):
 
     @torch.jit.unused
     def _use_triton(self, x: torch.Tensor) -> bool:
-        """Triton when asked for, or for 'auto' on CUDA tensors with Triton installed; never for FX proxies.
+        """Triton when asked for; for 'auto', where it was measured faster (see FUSED_TME_MIN_BATCH): CUDA
+        tensors, Triton installed, eval mode, no gradient and batches of FUSED_TME_MIN_BATCH or more. Never for FX
+        proxies.
 
         The kernel computes conv and BatchNorm itself, so a TME without its enhance branch, or with the BatchNorm
         already folded (`timm.utils.reparameterize_model`), runs the PyTorch path.
@@ -112,7 +122,10 @@ class TokenMergeEnhance(nn.Module):
         impl = _check_tme_impl(self.tme_impl) if self.tme_impl is not None else get_tme_impl()
         if impl == 'torch' or isinstance(x, torch.fx.Proxy) or not isinstance(self.enhance, FoldableConvNormAct):
             return False
-        return impl == 'triton' or (x.is_cuda and HAS_TRITON)
+        if impl == 'triton':
+            return True
+        return (x.is_cuda and HAS_TRITON and not self.training and not x.requires_grad
+                and x.shape[0] >= FUSED_TME_MIN_BATCH)
 
     @torch.jit.unused
     def _narrow_on_cpu(self, x_map: torch.Tensor, grid: Grid) -> bool:
