@@ -243,6 +243,9 @@ def test_reference_weights_give_our_logits(trained):
         assert torch.equal(converted[k], v), k
     loaded = timm.create_model('cabvit_h_l1', pretrained=True, pretrained_cfg_overlay=dict(state_dict=reference))
     assert torch.equal(_logits(loaded, x), logits)
+    by_load_state_dict = timm.create_model('cabvit_h_l1')  # timm's checkpoint_path= and load_checkpoint
+    by_load_state_dict.load_state_dict(reference)
+    assert torch.equal(_logits(by_load_state_dict, x), logits)
 
 
 def test_train_checkpoint_wrappers_and_prefixes(trained):

@@ -43,11 +43,9 @@ from timm.models.convnext import ConvNeXtBlock
 from .checkpoint import (
     check_fits,
     checkpoint_metadata,
-    convert_reference,
-    is_reference_layout,
-    resample_tables,
+    fit_tables,
+    load_state_dict_pre_hook,
     resize_token_grid,
-    saved_img_size,
     unwrap_checkpoint,
 )
 from .layers import (
@@ -756,6 +754,7 @@ class CabViT(nn.Module):
         self.head_hidden_size = self.head.num_features
         self.ls_init_value = ls_init_value
         self.init_weights(needs_reset=False)
+        self.register_load_state_dict_pre_hook(load_state_dict_pre_hook)
 
     def init_weights(self, needs_reset: bool = True) -> None:
         """(Re)initialise all weights and index buffers, e.g. after meta-device construction and `to_empty()`."""
@@ -971,6 +970,7 @@ class CabViTPlain(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.init_weights(needs_reset=False)
 
+        self.register_load_state_dict_pre_hook(load_state_dict_pre_hook)
     def init_weights(self, needs_reset: bool = True) -> None:
         """(Re)initialise all weights and index buffers, e.g. after meta-device construction and `to_empty()`."""
         trunc_normal_(self.cls_token, std=.02)
@@ -1115,16 +1115,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
     Accepts our own state dict, timm train.py checkpoints (EMA weights first, as timm's `load_state_dict`) with
     DDP / torch.compile prefixes, and the authors' reference layout. Tables saved at another input size are
-    resampled from the grids of the size the checkpoint records (see `checkpoint.saved_img_size`). The
-    classifier and first conv are left to timm's `load_pretrained`, which drops or adapts them.
+    resampled from the grids of the size the checkpoint records (`checkpoint.fit_tables`, the rule the models'
+    `load_state_dict` follows too). The classifier and first conv are left to timm's `load_pretrained`, which drops
+    or adapts them.
     """
     metadata = checkpoint_metadata(state_dict) or checkpoint_metadata(model.pretrained_cfg.get('file'))
-    state_dict = unwrap_checkpoint(state_dict)
-    if is_reference_layout(state_dict):
-        state_dict = convert_reference(state_dict)
-    source_size = saved_img_size(state_dict, model, metadata.get('img_size'))
-    if source_size is not None:
-        state_dict = resample_tables(state_dict, model.table_grids(source_size), model.table_grids())
+    state_dict = fit_tables(unwrap_checkpoint(state_dict), model, metadata.get('img_size'), warn_unrecorded=True)
     return check_fits(state_dict, model)
 
 

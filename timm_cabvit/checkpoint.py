@@ -18,6 +18,8 @@ import argparse
 import json
 import math
 import os
+import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -30,17 +32,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    'CheckpointError', 'check_checkpoint_file', 'check_fits', 'checkpoint_metadata', 'convert_reference',
-    'is_reference_layout', 'load_checkpoint_file', 'resample_tables', 'resize_rel_pos_table', 'resize_token_grid',
-    'saved_img_size', 'unwrap_checkpoint',
+    'CheckpointError', 'CheckpointMismatchError', 'check_checkpoint_file', 'check_fits', 'checkpoint_metadata',
+    'convert_reference', 'fit_tables', 'is_reference_layout', 'load_checkpoint_file', 'load_state_dict_pre_hook',
+    'parse_img_size', 'resample_tables', 'resize_rel_pos_table', 'resize_token_grid', 'saved_img_size',
+    'unwrap_checkpoint',
 ]
 
 PathLike = Union[str, os.PathLike]
 Grid = Tuple[int, int]
 
+# the weights files timm's save_for_hf writes beside its config.json
+EXPORT_WEIGHTS = ('model.safetensors', 'pytorch_model.bin')
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint or Hub repo that cannot be used; the message names it and says what to do."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A state dict that does not fit the model: a RuntimeError as `load_state_dict`'s own, a ValueError as a wrong
+    argument."""
 
 
 def resize_token_grid(table: torch.Tensor, old_size: Grid, new_size: Grid) -> torch.Tensor:
@@ -163,6 +174,14 @@ def load_checkpoint_file(path: PathLike) -> Dict[str, Any]:
         if _is_safetensors(path):
             return safetensors.torch.load_file(path)
         return _torch_load(path)
+    except pickle.UnpicklingError as e:
+        found = re.findall(r'GLOBAL (\S+)', str(e)) or re.findall(r'Unsupported global: (\S+)', str(e))
+        objects = f' ({", ".join(dict.fromkeys(found))})' if found else ''
+        raise CheckpointError(
+            f"Checkpoint file '{path}' was refused as unsafe: besides tensors it pickles Python objects{objects}, "
+            f"and loading them would run code from the file. If you trust it, save its weights alone: "
+            f"torch.save(torch.load(FILE, weights_only=False)['state_dict'], 'weights.pth') (or the state dict it "
+            f"holds under another key).") from None
     except (RuntimeError, EOFError, ValueError, OSError, safetensors.SafetensorError) as e:
         reason = str(e).split('\n', 1)[0]
         raise CheckpointError(
@@ -170,15 +189,76 @@ def load_checkpoint_file(path: PathLike) -> Dict[str, Any]:
             f"tensors ({reason}).") from e
 
 
+def parse_img_size(value: Any, where: str) -> Grid:
+    """(H, W) from an int, a pair, or text as people write it ('96', '96x64', '96X64', '96,64', '(96, 64)').
+
+    Raises a CheckpointError naming `where` for anything else: a size recorded wrongly must not be skipped, or the
+    tables would be read for a size they were not trained at.
+    """
+    if isinstance(value, str):
+        parts = re.fullmatch(r'\s*[(\[]?\s*(\d+)\s*(?:[xX,]\s*(\d+)\s*)?[)\]]?\s*', value)
+        value = (int(parts[1]), int(parts[2] or parts[1])) if parts else None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    elif isinstance(value, (list, tuple)) and len(value) in (1, 2) and all(isinstance(v, int) for v in value):
+        value = (value[0], value[-1])
+    if not value or min(value) < 1:
+        raise CheckpointError(f"{where} is not an input size: give it as H x W, e.g. '224x224' or '96x64'.")
+    return tuple(value)
+
+
+def _config_metadata(config: Path) -> Dict[str, Any]:
+    """What the config.json of a Hub export records: architecture, input size and channels, classes, pooling."""
+    try:
+        cfg = json.loads(config.read_text(encoding='utf-8'))
+        input_size = cfg['pretrained_cfg']['input_size']
+        meta = {'architecture': cfg['architecture'], 'in_chans': int(input_size[0]),
+                'img_size': parse_img_size(list(input_size[-2:]), f"input_size of '{config}'")}
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(
+            f"'{config}' is not the config.json of a timm export ({e}); export the folder again.") from e
+    if isinstance(cfg.get('num_classes'), int):
+        meta['num_classes'] = cfg['num_classes']
+    if isinstance((cfg.get('model_args') or {}).get('global_pool'), str):
+        meta['global_pool'] = cfg['model_args']['global_pool']
+    return meta
+
+
+def _train_args_metadata(args: Dict[str, Any]) -> Dict[str, Any]:
+    """What a timm train.py checkpoint's args record of the model it built.
+
+    train.py builds the model with `--model-kwargs` (img_size=..., global_pool=...) and `--gp`; `--input-size` and
+    `--img-size` size the data, which a fixed-size model must match. A `dynamic_img_size` model keeps the tables of
+    the size it was built at, whatever the data's.
+    """
+    model_kwargs = args.get('model_kwargs') if isinstance(args.get('model_kwargs'), dict) else {}
+    meta = {'architecture': args['model']} if isinstance(args.get('model'), str) else {}
+    if model_kwargs.get('img_size') is not None:
+        meta['img_size'] = parse_img_size(model_kwargs['img_size'], "the train.py checkpoint's --model-kwargs img_size")
+    elif not model_kwargs.get('dynamic_img_size'):
+        if args.get('input_size'):
+            meta['img_size'] = parse_img_size(
+                list(args['input_size'][-2:]), "the train.py checkpoint's --input-size")
+        elif args.get('img_size'):
+            meta['img_size'] = parse_img_size(args['img_size'], "the train.py checkpoint's --img-size")
+    global_pool = model_kwargs.get('global_pool', args.get('gp'))
+    if isinstance(global_pool, str):
+        meta['global_pool'] = global_pool
+    return meta
+
+
 def checkpoint_metadata(
         checkpoint: Union[PathLike, Dict[str, Any], None],
         contents: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """What a checkpoint records of its model: 'img_size' (H, W) and 'architecture', where it records them.
+    """What a checkpoint records of the model it was trained as: 'img_size' (H, W), 'global_pool', 'architecture'
+    (and from an export 'in_chans', 'num_classes'), where it records them.
 
-    Read from a timm train.py checkpoint's args, the `img_size` entry of a safetensors header, or the config.json
-    that `timm-cabvit export` (timm's `save_for_hf`) writes beside the weights. Cheap: a file is memory-mapped, and
-    only its header or args are read; `contents`, the file already loaded, spares reading it again.
+    Only the checkpoint's own record counts: a timm train.py checkpoint's args, the `img_size` entry of a
+    safetensors header, or the config.json that `timm-cabvit export` (timm's `save_for_hf`) writes beside the
+    weights it names model.safetensors / pytorch_model.bin; a config.json beside a file of another name belongs to
+    something else. Cheap: a file is memory-mapped and only its header or args are read; `contents`, the file
+    already loaded, spares reading it again.
     """
     if checkpoint is None:
         return {}
@@ -186,34 +266,26 @@ def checkpoint_metadata(
         path = Path(checkpoint)
         if not path.is_file():
             return {}
-        config = path.parent / 'config.json'
-        if config.is_file():
-            try:
-                cfg = json.loads(config.read_text(encoding='utf-8'))
-                input_size = cfg['pretrained_cfg']['input_size']
-                return {'img_size': (int(input_size[-2]), int(input_size[-1])), 'architecture': cfg['architecture']}
-            except (ValueError, KeyError, TypeError):
-                pass
+        meta = {}
+        if path.name in EXPORT_WEIGHTS and (path.parent / 'config.json').is_file():
+            meta = _config_metadata(path.parent / 'config.json')
         if _is_safetensors(path):
             with safetensors.safe_open(path, 'pt') as f:
-                text = (f.metadata() or {}).get('img_size', '')
-            parts = text.split('x')
-            return {'img_size': (int(parts[0]), int(parts[-1]))} if all(p.isdigit() for p in parts) and text else {}
+                header = f.metadata() or {}
+            if 'img_size' in header:
+                meta['img_size'] = parse_img_size(header['img_size'], f"The img_size entry of '{path}'s header")
+            return meta
+        if meta:
+            return meta
         try:
             checkpoint = _torch_load(path, mmap=True) if contents is None else contents
-        except (RuntimeError, EOFError, ValueError, OSError):
+        except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError):
             return {}
         if not isinstance(checkpoint, dict):
             return {}
     args = checkpoint.get('args')
     args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    meta = {'architecture': args['model']} if isinstance(args.get('model'), str) else {}
-    input_size, img_size = args.get('input_size'), args.get('img_size')
-    if input_size:
-        meta['img_size'] = tuple(int(s) for s in input_size[-2:])
-    elif img_size:
-        meta['img_size'] = (int(img_size), int(img_size)) if isinstance(img_size, int) else tuple(img_size)
-    return meta
+    return _train_args_metadata(args)
 
 
 # Layouts
@@ -418,12 +490,51 @@ def _check_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module, cfg
                 f"{num_classes} classes, so its classifier starts from random weights (fine-tuning).", stacklevel=3)
 
 
-def check_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The state dict, after checking it loads completely (classifier and first conv aside) with finite floats.
+def _hints(state_dict: Dict[str, torch.Tensor], model: nn.Module, cfg: Dict[str, Any], mismatched: List[str]) -> str:
+    """How to build the model the checkpoint fits, for the mismatches a model argument explains."""
+    hints = []
+    for name in _names(cfg, 'classifier'):
+        weight = state_dict.get(f'{name}.weight')
+        if f'{name}.weight' in mismatched and isinstance(weight, torch.Tensor):
+            hints.append(
+                f'its classifier has {weight.shape[0]} classes, the model {model.num_classes}: create the model with '
+                f'num_classes={weight.shape[0]} (to fine-tune for {model.num_classes} classes, load it as pretrained '
+                f'weights: pretrained=True, pretrained_cfg_overlay=dict(file=FILE), which leaves the classifier out)')
+    for name in _names(cfg, 'first_conv'):
+        weight = state_dict.get(f'{name}.weight')
+        if f'{name}.weight' in mismatched and isinstance(weight, torch.Tensor) and weight.ndim == 4:
+            hints.append(f'its first conv takes {weight.shape[1]} input channels: create the model with '
+                         f'in_chans={weight.shape[1]}')
+    tables = [k for k in model.table_grids() if k in state_dict]
+    if tables and 2 * sum(k in mismatched for k in tables) >= len(tables):  # not a table or two edited alone
+        hints.append(
+            'its bias tables are laid out for another input size, which it does not record and which is not a square '
+            'one: create the model at the size it was trained at (img_size=(H, W); in timm\'s scripts '
+            '--model-kwargs img_size="(H, W)"), or load the file with timm_cabvit.hub.create_model(NAME, '
+            'checkpoint=FILE), which reads the size a train.py checkpoint or an export records')
+    return ''.join(f'\n  Hint: {h}.' for h in hints)
 
-    Raises a ValueError listing missing, unexpected and mismatched keys with their shapes, non-finite values and
-    integer tensors where the model has floating point ones. The classifier and first conv may differ: timm's
-    load_pretrained drops or adapts them for another num_classes or in_chans.
+
+def check_fits(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        source: Optional[str] = None,
+        strict: bool = True,
+        pretrained: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """The state dict, after checking it loads completely with finite floats.
+
+    Raises a CheckpointMismatchError listing missing, unexpected (only if `strict`) and mismatched keys with their
+    shapes, non-finite values and integer tensors where the model has floating point ones, with a hint where a
+    model argument (num_classes, in_chans, img_size) explains them. For `pretrained` loads the classifier and first
+    conv may differ: timm's load_pretrained drops or adapts them for another num_classes or in_chans.
+
+    Args:
+        state_dict: Our layout, tables on the model's grids.
+        model: The model to load into.
+        source: What the state dict is, for the message (default: the checkpoint of the model's pretrained cfg).
+        strict: Whether missing and unexpected keys are errors, as in `load_state_dict`.
+        pretrained: Whether timm's load_pretrained loads it (and adapts the classifier and first conv).
     """
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     target = model.state_dict()
@@ -431,8 +542,8 @@ def check_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[st
     for k, v in target.items():
         if k.endswith('.num_batches_tracked') and k not in out:
             out[k] = v  # a counter, not a weight: older BatchNorm checkpoints lack it
-    lenient = {f'{c}.{p}' for c in _names(cfg, 'classifier') for p in ('weight', 'bias')}
-    first_convs = {f'{c}.weight' for c in _names(cfg, 'first_conv')}
+    lenient = {f'{c}.{p}' for c in _names(cfg, 'classifier') for p in ('weight', 'bias')} if pretrained else set()
+    first_convs = {f'{c}.weight' for c in _names(cfg, 'first_conv')} if pretrained else set()
 
     def fits(k: str, v: torch.Tensor) -> bool:
         shape, want = tuple(v.shape), tuple(target[k].shape)
@@ -441,11 +552,9 @@ def check_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[st
         # another in_chans, adapted by timm's load_pretrained
         return k in first_convs and len(shape) == 4 and shape[:1] + shape[2:] == want[:1] + want[2:]
 
-    missing = [k for k in target if k not in out and k not in lenient]
-    unexpected = [k for k in out if k not in target and k not in lenient]
-    mismatched = [
-        f'{k}: checkpoint {tuple(getattr(v, "shape", ()))}, model {tuple(target[k].shape)}'
-        for k, v in out.items() if k in target and not (isinstance(v, torch.Tensor) and fits(k, v))]
+    missing = [k for k in target if k not in out and k not in lenient] if strict else []
+    unexpected = [k for k in out if k not in target and k not in lenient] if strict else []
+    mismatched = [k for k, v in out.items() if k in target and not (isinstance(v, torch.Tensor) and fits(k, v))]
     not_float = [
         f'{k}: {v.dtype}' for k, v in out.items()
         if k in target and isinstance(v, torch.Tensor) and target[k].is_floating_point() and not v.is_floating_point()]
@@ -456,15 +565,65 @@ def check_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[st
         model_desc = (
             f"{cfg.get('architecture') or type(model).__name__} (img_size {tuple(getattr(model, 'img_size', ()))}, "
             f"in_chans {getattr(model, 'in_chans', '?')}, num_classes {getattr(model, 'num_classes', '?')})")
-        raise ValueError(
-            f'The checkpoint from {checkpoint_source(cfg)} does not fit {model_desc}: loading it would leave '
-            f'weights missing, unused or wrong.'
+        shapes = [f'{k}: checkpoint {tuple(getattr(out[k], "shape", ()))}, model {tuple(target[k].shape)}'
+                  for k in mismatched]
+        raise CheckpointMismatchError(
+            f'{source or "The checkpoint from " + checkpoint_source(cfg)} does not fit {model_desc}: loading it '
+            f'would leave weights missing, unused or wrong.'
             + _listing('missing from the checkpoint', missing)
             + _listing('not in the model', unexpected)
-            + _listing('other shape', mismatched)
+            + _listing('other shape', shapes)
             + _listing('integer where the model has floating point (a quantized or corrupt checkpoint?)', not_float)
             + _listing('NaN or infinite values (a diverged or corrupt checkpoint)', not_finite)
+            + _hints(out, model, cfg, mismatched)
             + '\nCreate the model the checkpoint was trained as (its architecture and model_args), or pick the '
               'checkpoint of this model.')
-    _check_classifier(out, model, cfg)
+    if pretrained:
+        _check_classifier(out, model, cfg)
     return out
+
+
+# The rule on every path
+
+def fit_tables(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        img_size: Optional[Grid] = None,
+        warn_unrecorded: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """The state dict in our layout with its tables on the model's grids: the one rule of every load.
+
+    The authors' reference layout is converted; tables saved for another input size are resampled from the grids
+    of the size the checkpoint was trained at: `img_size` where the checkpoint records it, else as
+    `saved_img_size` tells. Tables that fit no size are left for the fit check to report. `warn_unrecorded`: warn
+    where tables that fit a non-square model's own grids could be those of the transposed size (a file of unknown
+    origin), not for a state dict of the model's own (a resumed run).
+    """
+    if is_reference_layout(state_dict):
+        state_dict = convert_reference(state_dict)
+    if img_size is None and not warn_unrecorded and _fits_grids(state_dict, model.table_grids()):
+        return state_dict
+    source_size = saved_img_size(state_dict, model, img_size)
+    if source_size is None:
+        return state_dict
+    return resample_tables(state_dict, model.table_grids(source_size), model.table_grids())
+
+
+def load_state_dict_pre_hook(model: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """`load_state_dict` pre-hook of the CabViT models: every path that loads a state dict (timm's
+    `checkpoint_path=`, `load_checkpoint`, train.py `--resume`, a plain `model.load_state_dict`) follows
+    `fit_tables`, and a state dict with weights of other shapes, or NaN or inf, is refused before any weight is
+    copied, with one error that says how to build the model it fits. Missing and unexpected keys are left to
+    `load_state_dict` (torch does not tell its hooks whether the load is strict).
+
+    The state dict is edited in place, as torch's own hooks do: a converted or resampled one replaces the model's
+    keys under `prefix`.
+    """
+    own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    fitted = fit_tables(own, model)
+    source = "The state dict loaded into it (load_state_dict; timm's checkpoint_path= and load_checkpoint use it)"
+    check_fits(fitted, model, source=source, strict=False, pretrained=False)
+    if fitted is not own:
+        for k in own:
+            del state_dict[prefix + k]
+        state_dict.update({prefix + k: v for k, v in fitted.items()})

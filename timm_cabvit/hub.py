@@ -135,11 +135,14 @@ def _saved_input(
         checkpoint: Dict[str, Any],
         model_name: str,
         file: Optional[PathLike] = None,
+        img_size: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """The checkpoint's weights in our layout, and the num_classes, in_chans and img_size they were trained with.
+    """The checkpoint's weights in our layout, and the num_classes, in_chans, img_size and global_pool they were
+    trained with.
 
-    Read from the classifier, the first conv, and the input size the checkpoint records or its tables tell
-    (`checkpoint.saved_img_size`); img_size is left out where neither says.
+    Read from the classifier, the first conv, and what the checkpoint records (`checkpoint.checkpoint_metadata`)
+    or its tables tell (`checkpoint.saved_img_size`); img_size is left out where neither says. `img_size`, the
+    size the user says it was trained at, must agree with what the checkpoint records and its tables fit.
     """
     metadata = checkpoint_metadata(checkpoint) or checkpoint_metadata(file, contents=checkpoint)
     state_dict = unwrap_checkpoint(checkpoint)
@@ -151,9 +154,22 @@ def _saved_input(
     saved = dict(num_classes=classifier.shape[0] if isinstance(classifier, torch.Tensor) else 0)
     if isinstance(first_conv, torch.Tensor) and first_conv.ndim == 4:
         saved['in_chans'] = first_conv.shape[1]
-    img_size = saved_img_size(state_dict, model, metadata.get('img_size'))
-    if img_size is not None:
-        saved['img_size'] = img_size
+    recorded = metadata.get('img_size')
+    if img_size is not None and recorded is not None and tuple(img_size) != tuple(recorded):
+        raise CheckpointError(
+            f"The checkpoint records the input size {recorded[0]}x{recorded[1]}, not the given "
+            f"{img_size[0]}x{img_size[1]}: leave the size out, or build the model at another size after loading it "
+            f"(timm_cabvit.hub.create_model(..., checkpoint=FILE, img_size=...) resamples its tables).")
+    trained_at = saved_img_size(state_dict, model, img_size or recorded)
+    if img_size is not None and trained_at != tuple(img_size):
+        fits = f'they fit {trained_at[0]}x{trained_at[1]}' if trained_at else 'they fit no size this model has'
+        raise CheckpointError(
+            f"The checkpoint's bias tables were not trained at the given input size {img_size[0]}x{img_size[1]} "
+            f"({fits}): give the size it was trained at, or leave it out.")
+    if trained_at is not None:
+        saved['img_size'] = trained_at
+    if 'global_pool' in metadata:
+        saved['global_pool'] = metadata['global_pool']
     return state_dict, saved
 
 
@@ -256,10 +272,11 @@ def export_checkpoint(
     """
     arch, tag = _resolve_name(model_name)
     is_file = isinstance(checkpoint, (str, os.PathLike))
-    state_dict, saved = _saved_input(
-        load_checkpoint_file(checkpoint) if is_file else checkpoint, arch, file=checkpoint if is_file else None)
     if img_size is not None:
-        saved['img_size'] = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    state_dict, saved = _saved_input(
+        load_checkpoint_file(checkpoint) if is_file else checkpoint, arch, file=checkpoint if is_file else None,
+        img_size=img_size)
     if 'img_size' not in saved:
         raise CheckpointError(
             'Cannot tell the input size the checkpoint was trained at: it records none and its bias tables fit no '
@@ -284,6 +301,10 @@ def export_checkpoint(
     expected = model.state_dict()
     if written.keys() != expected.keys() or any(not torch.equal(written[k], v) for k, v in expected.items()):
         raise CheckpointError(f"'{out_dir / HUB_WEIGHTS}' does not hold the model's weights after writing it.")
+    # the size in the file's own header too, so that the weights copied alone still say what they were trained at
+    height, width = model.img_size
+    safetensors.torch.save_file(
+        written, out_dir / HUB_WEIGHTS, metadata={'format': 'pt', 'img_size': f'{height}x{width}'})
 
     repo_id = repo_id or model.pretrained_cfg.get('hf_hub_id') or f'ORG/{model_name}'
     card = _model_card(model, arch, tag, repo_id)
