@@ -436,3 +436,16 @@ def test_push_uploads_export_folder(exported, tmp_path, monkeypatch):
     with pytest.raises(hub.CheckpointError, match='has no config.json: write the folder with `timm-cabvit export`'):
         hub.push(tmp_path, 'my-org/x')
     assert hub.parse_metrics(['top1=80.3', 'note=ema']) == {'top1': 80.3, 'note': 'ema'}
+
+
+def test_card_claims_only_the_dataset_it_is_given(exported, tmp_path):
+    """A 10-class model's card names no ImageNet; a dataset the user gives is named; a tag the user gives
+    ('cabvit_h_l1.in1k', 1000 classes) names its dataset."""
+    assert 'ImageNet-1k' in (exported / 'README.md').read_text()
+    ten = timm.create_model('cabvit_p_l0', img_size=32, num_classes=10).state_dict()
+    for model_name in ('cabvit_p_l0', 'cabvit_p_l0.in1k'):
+        card = (hub.export_checkpoint(ten, model_name, tmp_path / model_name, img_size=32) / 'README.md').read_text()
+        assert 'ImageNet' not in card and 'Dataset' not in card and 'datasets:' not in card
+    named = hub.export_checkpoint(ten, 'cabvit_p_l0', tmp_path / 'named', img_size=32, dataset='Oxford Flowers-102')
+    card = (named / 'README.md').read_text()
+    assert '- **Dataset:** Oxford Flowers-102' in card and 'datasets:\n- oxford flowers-102' in card

@@ -56,7 +56,8 @@ _CITATION = """@article{zhang2022cabvit,
   year={2022}
 }"""
 
-_DATASETS = {'in1k': 'ImageNet-1k', 'in22k': 'ImageNet-22k', 'in22k_ft_in1k': 'ImageNet-1k'}
+# the dataset a pretrained tag names, and its class count
+_DATASETS = {'in1k': ('ImageNet-1k', 1000), 'in22k': ('ImageNet-22k', 21841), 'in22k_ft_in1k': ('ImageNet-1k', 1000)}
 
 
 def _local_file_hint(arch: str) -> str:
@@ -245,6 +246,7 @@ def export_checkpoint(
         repo_id: Optional[str] = None,
         model_card: Optional[Dict[str, Any]] = None,
         label_names: Optional[Sequence[str]] = None,
+        dataset: Optional[str] = None,
 ) -> Path:
     """Write the Hub layout timm reads: config.json, model.safetensors and a README.md model card.
 
@@ -266,6 +268,8 @@ def export_checkpoint(
         label_names: One name per class, in classifier order: the labels transformers' pipeline reports (and
             `label_names` of timm's pretrained cfg). Default: none, which transformers reads as the ImageNet-1k
             classes for 1000 classes and as LABEL_0, LABEL_1, ... otherwise.
+        dataset: The dataset the weights were trained on, for the card, e.g. 'ImageNet-1k' (default: the one a
+            pretrained tag given in `model_name` names, if the class count is that dataset's; else none claimed).
 
     Returns:
         The output folder.
@@ -307,7 +311,7 @@ def export_checkpoint(
         written, out_dir / HUB_WEIGHTS, metadata={'format': 'pt', 'img_size': f'{height}x{width}'})
 
     repo_id = repo_id or model.pretrained_cfg.get('hf_hub_id') or f'ORG/{model_name}'
-    card = _model_card(model, arch, tag, repo_id)
+    card = _model_card(model, arch, dataset or _tag_dataset(tag, saved['num_classes']), repo_id)
     card.update(model_card or {})
     citation = card.pop('citation', None)
     readme = generate_readme(card, repo_id.split('/')[-1]) + _metrics_section(metrics)
@@ -329,10 +333,16 @@ def _leave_num_classes_to_the_root(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2), encoding='utf-8')
 
 
+def _tag_dataset(tag: str, num_classes: int) -> Optional[str]:
+    """The dataset a pretrained tag the user gave names ('in1k': ImageNet-1k), where the class count is its."""
+    dataset, dataset_classes = _DATASETS.get(tag, (None, None))
+    return dataset if num_classes == dataset_classes else None
+
+
 def _model_card(
         model: nn.Module,
         arch: str,
-        tag: str,
+        dataset: Optional[str],
         repo_id: str,
 ) -> Dict[str, Any]:
     """Model card entries in the format of timm's `generate_readme`."""
@@ -347,7 +357,6 @@ def _model_card(
         },
         'Papers': {cfg.get('paper_name', 'CabViT'): 'https://arxiv.org/abs/2211.07198'},
     }
-    dataset = _DATASETS.get(tag or cfg.get('tag') or '')
     if dataset:
         details['Dataset'] = dataset
     usage = (
