@@ -1,16 +1,22 @@
 """The `timm-cabvit` command: its output, its exit codes, one-line errors and a light `--help`."""
+import configparser
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
 
+import timm_cabvit_cli
 from timm_cabvit_cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HEAVY_MODULES = ('torch', 'timm', 'tqdm', 'matplotlib', 'numpy', 'timm_cabvit')
 COMMANDS = ([], ['flops'], ['ablation'], ['attention'], ['recipe'], ['export'], ['export-onnx'], ['push'])
@@ -260,7 +266,16 @@ ERROR_CASES = {
     '--device foo': (2, '--models cabvit_p_l0 --device foo', '--device foo: not a device'),
     '--device meta': (2, '--models cabvit_p_l0 --device meta', 'no speed to measure'),
     '--opset 99': (2, 'export-onnx cabvit_h_l1 T/m.onnx --opset 99', 'at most'),
-    'unknown recipe': (2, 'recipe cabvit_h_l9', "no training recipe for 'cabvit_h_l9'"),
+    'unknown recipe': (2, 'recipe cabvit_h_l9', 'unknown model(s) cabvit_h_l9 (did you mean cabvit_h_l1, '),
+    'attention, unknown block': (2, 'attention IMAGE --model cabvit_h_l1 --blocks stages.2.block.1',
+                                 '--blocks: unknown block(s) stages.2.block.1 (did you mean stages.2.blocks.1?); '
+                                 'cabvit_h_l1 has stages.2.blocks.0'),
+    'push --repo-id a path': (2, 'push T/export --repo-id /a/local/path', '--repo-id /a/local/path: not a Hub model '
+                                                                           'repo id; give ORG/NAME'),
+    'push --repo-id a folder here': (2, 'push T/export --repo-id T/folder',
+                                     'not a Hub model repo id but a path here (the folder to upload is DIR)'),
+    'export --repo-id a path': (2, 'export T/full.pth --model cabvit_h_l1 --out T/out --repo-id T/folder',
+                                'not a Hub model repo id but a path here (the folder to write is --out)'),
     'unknown tag': (2, 'export T/full.pth --model cabvit_h_l1.foo --out T/out', "unknown pretrained tag 'foo'"),
     'bad --metric': (2, 'export T/full.pth --model cabvit_h_l1 --out T/out --metric top1', 'A metric is NAME=VALUE'),
     # uploads that fail: 1
@@ -296,3 +311,231 @@ def test_cuda_without_cuda_is_a_usage_error(capsys):
     assert main(['--models', 'cabvit_p_l0', '--device', 'cuda']) == 2
     assert capsys.readouterr().err == (
         f'timm-cabvit: --device cuda: no CUDA device is available here (torch {torch.__version__}); use cpu\n')
+
+
+# First contact: --version, unknown names at once, a torchvision that does not match torch, memory run out
+
+def test_version_from_metadata_without_torch():
+    result = subprocess.run([sys.executable, '-X', 'importtime', shutil.which('timm-cabvit'), '--version'],
+                            capture_output=True, text=True, check=True)
+    versions = {name: importlib.metadata.version(name) for name in ('timm-cabvit', 'torch', 'torchvision', 'timm')}
+    assert result.stdout == (f"timm-cabvit {versions['timm-cabvit']} (torch {versions['torch']}, torchvision "
+                             f"{versions['torchvision']}, timm {versions['timm']}, Python "
+                             f"{'.'.join(map(str, sys.version_info[:3]))})\n")
+    imported = {line.split('|')[-1].strip().split('.')[0] for line in result.stderr.splitlines() if '|' in line}
+    assert not imported & set(HEAVY_MODULES)
+
+
+def test_model_names_of_the_metadata_are_timms():
+    """The names refused without importing timm are those of the package's entry points: timm's registry."""
+    import timm
+    assert timm_cabvit_cli._cabvit_names() == timm.list_models('cabvit*')
+
+
+UNKNOWN_NAMES = [
+    ['--models', 'cabvit_hl2'], ['flops', 'cabvit_h_l1', 'CabViT_H_L2'], ['ablation', 'cabvit_hl2'],
+    ['attention', 'x.png', '--model', 'cabvit_hl2'], ['export', 'x.pth', '--model', 'cabvit_hl2.in1k', '--out', 'x'],
+    ['export-onnx', 'cabvit_hl2', 'x.onnx'], ['recipe', 'cabvit_hl2'],
+]
+
+
+def test_unknown_models_are_refused_at_once_with_close_matches():
+    """Every command that takes a model name refuses a misspelled one in a fraction of a second, naming the close
+    match, before torch or timm is imported (it took ~4 s here, ~13 s on a busy machine, to import them first)."""
+    code = (
+        'import sys, time\n'
+        'from timm_cabvit_cli import main\n'
+        f'for argv in {UNKNOWN_NAMES!r}:\n'
+        '    start = time.perf_counter()\n'
+        '    assert main(argv) == 2, argv\n'
+        "    print(f'{time.perf_counter() - start:.3f}')\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_MODULES!r}))\n")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    *seconds, imported = result.stdout.splitlines()
+    assert imported == '[]', f'imported to refuse an unknown name: {imported}'
+    assert max(map(float, seconds)) < 1, seconds
+    errors = result.stderr.splitlines()
+    assert len(errors) == len(UNKNOWN_NAMES), result.stderr
+    known = 'choose from cabvit_h_l1, cabvit_h_l2, cabvit_h_l3, cabvit_p_l0'
+    assert errors[0] == f'timm-cabvit: unknown model(s) cabvit_hl2 (did you mean cabvit_h_l2?); {known}'
+    assert errors[1] == f'timm-cabvit flops: unknown model(s) CabViT_H_L2 (did you mean cabvit_h_l2?); {known}'
+    assert 'unknown model(s) cabvit_hl2.in1k (did you mean cabvit_h_l2?)' in errors[4]
+    for line, argv in zip(errors, UNKNOWN_NAMES):
+        command = '' if argv[0].startswith('-') else f' {argv[0]}'
+        assert line.startswith(f'timm-cabvit{command}: unknown model(s) ') and '(did you mean cabvit_h_l2?)' in line
+
+
+def test_unknown_models_name_every_close_match(capsys):
+    assert main(['flops', 'cabvit_h_l9', 'resnet50']) == 2
+    assert capsys.readouterr().err.startswith(
+        'timm-cabvit flops: unknown model(s) cabvit_h_l9 (did you mean cabvit_h_l1, cabvit_h_l2 or cabvit_h_l3?), '
+        'resnet50; choose from')
+
+
+class _FailingImport:
+    """A meta path finder that fails `import timm` as a torchvision built for another torch makes it fail."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def find_spec(self, name, path=None, target=None):
+        if name == 'timm':
+            raise self.error
+        return None
+
+
+TORCHVISION_CASES = {
+    # the issue's machine: a CPU torch with PyPI's torchvision, built against the CUDA torch
+    'cpu torch, pypi torchvision': (
+        '2.14.1+cpu', '0.29.1', 'torchvision 0.29.1 does not match torch 2.14.1+cpu (cpu build), so timm cannot be '
+        'imported; install the torchvision built for it: pip install --force-reinstall --no-deps "torchvision==0.29.*" '
+        '--index-url https://download.pytorch.org/whl/cpu'),
+    'pypi torch, older torchvision': (
+        '2.14.1', '0.28.0', 'torchvision 0.28.0 does not match torch 2.14.1, so timm cannot be imported; install the '
+        'torchvision built for it: pip install --force-reinstall --no-deps "torchvision==0.29.*"'),
+    'cuda torch, cpu torchvision': (
+        '2.5.1+cu124', '0.20.1+cpu', '"torchvision==0.20.*" --index-url https://download.pytorch.org/whl/cu124'),
+    'no torchvision': (
+        '2.14.1+cpu', None, 'timm needs torchvision, which is not installed; install the one for torch 2.14.1+cpu: '
+        'pip install --force-reinstall --no-deps "torchvision==0.29.*" --index-url https://download.pytorch.org/whl/cpu'),
+}
+
+
+@pytest.mark.parametrize('error', [RuntimeError('operator torchvision::nms does not exist'),
+                                   ImportError('undefined symbol: _ZN3c10')], ids=['RuntimeError', 'ImportError'])
+@pytest.mark.parametrize('case', list(TORCHVISION_CASES))
+def test_a_torchvision_for_another_torch_is_one_line(case, error, capsys, monkeypatch):
+    torch_version, vision_version, message = TORCHVISION_CASES[case]
+    versions = {'torch': torch_version, 'torchvision': vision_version}
+    monkeypatch.setattr(timm_cabvit_cli, '_dist_version', versions.get)
+    monkeypatch.delitem(sys.modules, 'timm')
+    monkeypatch.setattr(sys, 'meta_path', [_FailingImport(error), *sys.meta_path])
+    assert main(['flops', 'cabvit_h_l1']) == 1
+    out, err = capsys.readouterr()
+    assert err.count('\n') == 1 and err.startswith('timm-cabvit flops: ') and message in err, err
+    assert 'Traceback' not in out + err
+    if vision_version is not None:
+        assert err.endswith(f'{message}\n')
+
+
+def test_a_matching_torchvision_is_not_blamed(monkeypatch):
+    """When torch and torchvision match, a failed `import timm` is not theirs: its own error goes through."""
+    monkeypatch.setattr(timm_cabvit_cli, '_dist_version', {'torch': '2.14.1+cpu', 'torchvision': '0.29.1+cpu'}.get)
+    monkeypatch.delitem(sys.modules, 'timm')
+    monkeypatch.setattr(sys, 'meta_path', [_FailingImport(RuntimeError('something else')), *sys.meta_path])
+    with pytest.raises(RuntimeError, match='something else'):
+        main(['flops', 'cabvit_h_l1'])
+
+
+@pytest.mark.parametrize('torch_version, vision_version', [
+    ('2.0.1', '0.15.2'), ('2.4.1+cpu', '0.19.1+cpu'), ('2.14.1', '0.29.1'), ('2.14.1+cu130', '0.29.0+cu130')])
+def test_torchvision_pairing_rule(torch_version, vision_version, monkeypatch):
+    """torchvision 0.(x + 15) pairs with torch 2.x, of the same build (local version label)."""
+    monkeypatch.setattr(timm_cabvit_cli, '_dist_version', {'torch': torch_version, 'torchvision': vision_version}.get)
+    assert timm_cabvit_cli._torchvision_mismatch() is None
+    minor = int(vision_version.split('.')[1])
+    monkeypatch.setattr(timm_cabvit_cli, '_dist_version',
+                        {'torch': torch_version, 'torchvision': f'0.{minor + 1}.0'}.get)
+    assert f'"torchvision==0.{minor}.*"' in timm_cabvit_cli._torchvision_mismatch()
+
+
+def test_the_installed_torchvision_matches_torch():
+    assert timm_cabvit_cli._torchvision_mismatch() is None
+
+
+def test_out_of_memory_names_the_setting_to_lower(capsys):
+    """A batch no machine holds (1.2 EB, more than any address space): one line, exit code 1."""
+    assert main(['--models', 'cabvit_p_l0', '--img-size', '32', '--batch-size', '100000000000000', '--iters', '1',
+                 '--warmup', '0']) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1] == ('timm-cabvit: out of memory (tried to allocate 1.23 EB): lower --batch-size (now '
+                                    '100000000000000) or --img-size (now 32x32)')
+    assert 'Traceback' not in out + err
+
+
+@pytest.mark.parametrize('error, asked', [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 50331648 bytes. Error code 12 (Cannot allocate memory)"),
+     ' (tried to allocate 50.3 MB)'),
+    (RuntimeError('DefaultCPUAllocator: not enough memory: you tried to allocate 123 bytes.'),
+     ' (tried to allocate 123 bytes)'),
+    (torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79 GiB'),
+     ' (tried to allocate 20.00 MiB)'),
+    (MemoryError(), ''),
+], ids=['cpu allocator', 'cpu allocator, newer', 'cuda', 'MemoryError'])
+def test_flops_out_of_memory_names_img_size(error, asked, capsys, monkeypatch):
+    """`flops --img-size 2048` ran out of memory after a minute of tracing here (the error mocked: it takes a minute
+    and most of the memory of the machine)."""
+    from timm_cabvit import reports
+
+    def flops_report(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(reports, 'flops_report', flops_report)
+    assert main(['flops', 'cabvit_h_l1', '--img-size', '2048']) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1] == f'timm-cabvit flops: out of memory{asked}: lower --img-size (now 2048x2048)'
+    assert 'Traceback' not in out + err
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(monkeypatch):
+    from timm_cabvit import reports
+
+    def flops_report(*args, **kwargs):
+        raise RuntimeError('a bug')
+
+    monkeypatch.setattr(reports, 'flops_report', flops_report)
+    with pytest.raises(RuntimeError, match='a bug'):
+        main(['flops', 'cabvit_h_l1', '--img-size', '64'])
+
+
+# The README's first commands, and what it says of timm's scripts
+
+def _bash_blocks(text):
+    return re.findall(r'```bash\n(.*?)```', text, re.S)
+
+
+def test_readme_starts_with_the_cpu_torch():
+    """The first command of the README installs the CPU build of a torch and a torchvision that pair, before the
+    package could pull PyPI's CUDA build; the GPU line follows; the test command is the one .ci/run runs."""
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    first, run, tests = _bash_blocks(readme)[:3]
+    commands = [line for line in first.splitlines() if not line.startswith('#')]
+    assert len(commands) == 1 and commands[0].startswith('python3.11 -m venv .venv && . .venv/bin/activate && ')
+    match = re.search(r'pip install torch==2\.(\d+)\.\d+ torchvision==0\.(\d+)\.\d+ '
+                      r'--index-url https://download\.pytorch\.org/whl/cpu$', commands[0])
+    assert match and int(match.group(2)) == int(match.group(1)) + timm_cabvit_cli.TORCHVISION_MINOR_OFFSET
+    assert '# python3.11 -m venv .venv && . .venv/bin/activate && pip install torch==' in first  # the GPU line
+    assert run.strip() == 'pip install . && timm-cabvit'
+    ci = (ROOT / '.ci' / 'run').read_text(encoding='utf-8')
+    assert tests.strip().replace('pip install ', 'pip install -q ') in ci
+
+
+def test_readme_names_the_flags_and_the_extra_of_timms_scripts():
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    scripts = readme.split("## Training and evaluating with timm's scripts")[1].split('\n## ')[0]
+    commands = [line for block in _bash_blocks(scripts) for line in block.splitlines()]
+    for script in ('train.py', 'validate.py', 'inference.py'):
+        assert any(line.startswith(f'python {script}') and '--model-kwargs img_size=96 --img-size 96' in line
+                   for line in commands), script
+    assert 'inference.py` imports pandas' in scripts and 'pip install "timm-cabvit[scripts]"' in scripts
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / 'setup.cfg', encoding='utf-8')
+    assert setup['options.extras_require']['scripts'].split() == ['pandas']
+
+
+def test_both_size_flags_size_model_and_images_alike():
+    """`--model-kwargs img_size=96 --img-size 96`, as the README gives them: scripts resolving the input with
+    resolve_model_input_args and older ones (create_model(**model_kwargs), resolve_data_config) both build the
+    model for 96x96 and size the images to it."""
+    import timm
+    from timm.data import resolve_data_config
+
+    args = dict(img_size=96, input_size=None, in_chans=None, model_kwargs={'img_size': 96})
+    older = timm.create_model('cabvit_h_l1', device='meta', **args['model_kwargs'])
+    assert older.img_size == (96, 96) and resolve_data_config(args, model=older)['input_size'] == (3, 96, 96)
+    from timm.data import resolve_input_data_config
+    from timm.models import resolve_model_input_args
+
+    newer = timm.create_model(**resolve_model_input_args('cabvit_h_l1', args, device='meta', **args['model_kwargs']))
+    assert newer.img_size == (96, 96) and resolve_input_data_config(newer, args)['input_size'] == (3, 96, 96)

@@ -11,13 +11,18 @@ docstring the command's --help description) and the exit-code policy in `main`. 
 machine): the parser needs only the standard library, so `--help` and usage errors answer at once, and each command
 imports what it uses when it runs.
 
-Exit codes: 0 success; 2 a command line that cannot work as written (argparse's errors, an unknown model, an
-option value out of range, an output path that cannot be written); 1 a failure while running (a checkpoint or
-image that cannot be read, an export that fails its check, a failed upload). Either way one message on stderr,
-`timm-cabvit COMMAND: ...`, and no traceback for a user's mistake.
+Exit codes: 0 success; 2 a command line that cannot work as written (argparse's errors, an unknown model or block,
+an option value out of range, an output path that cannot be written, a Hub repo id that is none); 1 a failure while
+running (a checkpoint or image that cannot be read, an export that fails its check, a failed upload, memory run out,
+a torchvision that does not match torch). Either way one message on stderr, `timm-cabvit COMMAND: ...`, and no
+traceback for a user's mistake. Unknown model names are refused from the package's metadata (its `timm.models`
+entry points), before torch or timm is imported.
 """
 import argparse
+import difflib
+import importlib.metadata
 import importlib.util
+import re
 import sys
 import tempfile
 import textwrap
@@ -27,6 +32,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 __all__ = ['CommandError', 'UsageError', 'build_parser', 'main', 'recipe_path']
 
 PROG = 'timm-cabvit'
+DIST = 'timm-cabvit'  # the distribution: its version and its `timm.models` entry points (the model names)
 WARMUP = 2  # untimed passes per model before the timed ones
 ITERS = 5  # timed passes per model: the table shows their median and range
 
@@ -65,6 +71,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: {message} (see {self.prog} --help)\n')
 
 
+def _dist_version(name: str) -> Optional[str]:
+    """The installed version of a distribution, from its metadata (nothing imported); None if not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class _Version(argparse.Action):
+    """`--version`: the package's version and those of what it runs on, from metadata alone (no torch import)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: Optional[str] = None):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None):
+        versions = ', '.join(f'{name} {_dist_version(name) or "not installed"}'
+                             for name in ('torch', 'torchvision', 'timm'))
+        print(f"{PROG} {_dist_version(DIST) or '(not installed: pip install .)'} ({versions}, "
+              f"Python {'.'.join(map(str, sys.version_info[:3]))})")
+        parser.exit(0)
+
+
 # Option values
 
 def _int_at_least(lowest: int):
@@ -100,20 +128,123 @@ def _flag_option(*args: str, **kwargs: Any) -> argparse.ArgumentParser:
     return parent
 
 
-# Checks that need the package, run before any work
+# Checks before any work
 
-def _models(names: Sequence[str], img_size: Optional[Tuple[int, int]] = None) -> List[str]:
-    """The names (optionally with a pretrained tag), after checking each is a CabViT model that can be built for
-    `img_size`: on the meta device, which takes neither memory nor time, so a bad size fails at once."""
-    import timm
+def _close_matches(word: str, choices: Sequence[str]) -> List[str]:
+    """The closest of `choices` to `word` (case aside; difflib's, up to three): those as close as the closest."""
+    word = word.lower()
+    scores = {m: difflib.SequenceMatcher(None, word, m).ratio()
+              for m in difflib.get_close_matches(word, choices, n=3, cutoff=0.6)}
+    return sorted(m for m, score in scores.items() if score == max(scores.values()))
+
+
+def _did_you_mean(word: str, choices: Sequence[str], match: Optional[str] = None) -> str:
+    """`word`, and ' (did you mean X or Y?)' where `choices` hold close matches of it (or of `match`)."""
+    matches = _close_matches(word if match is None else match, choices)
+    if not matches:
+        return word
+    alternatives = matches[0] if len(matches) == 1 else f"{', '.join(matches[:-1])} or {matches[-1]}"
+    return f'{word} (did you mean {alternatives}?)'
+
+
+def _cabvit_names() -> List[str]:
+    """The CabViT model names, from the installed package's `timm.models` entry points: neither torch nor timm is
+    imported, so an unknown name is refused at once. Empty where the package is not installed as a distribution
+    (then `_models` checks against timm's registry)."""
+    try:
+        entry_points = importlib.metadata.distribution(DIST).entry_points
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return sorted(ep.name for ep in entry_points if ep.group == 'timm.models')
+
+
+def _check_names(names: Sequence[str]) -> None:
+    """Refuse names (optionally with a pretrained tag, 'cabvit_h_l2.in1k') that are no CabViT model, naming the
+    close matches, from the package metadata alone: before anything heavy is imported or built."""
+    known = _cabvit_names()
+    if not known:
+        return
+    unknown = [n for n in names if n.split('.', 1)[0] not in known]  # timm's split_model_name_tag
+    if unknown:
+        named = ', '.join(_did_you_mean(n, known, n.split('.', 1)[0]) for n in unknown)
+        raise UsageError(f"unknown model(s) {named}; choose from {', '.join(known)}")
+
+
+# torchvision's releases pair with torch's: torchvision 0.15 with torch 2.0, 0.16 with 2.1, ... 0.29 with 2.14 (the
+# compatibility table of torchvision's README), so for torch 2.x the matching torchvision is 0.(x + 15).
+TORCHVISION_MINOR_OFFSET = 15
+TORCH_INDEX = 'https://download.pytorch.org/whl'
+
+
+def _local_label(version: str) -> str:
+    """The local version label of a wheel: 'cpu' of '2.14.1+cpu', '' of PyPI's '2.14.1'."""
+    return version.partition('+')[2]
+
+
+def _torchvision_mismatch() -> Optional[str]:
+    """Where the installed torchvision does not match the installed torch, one line saying so and the pip command
+    that installs the matching one; None where they match (or torch is missing: then it is not torchvision).
+
+    Both versions are read from the distributions' metadata: torch.__version__ of PyPI's CUDA wheel carries its
+    CUDA label ('2.14.1+cu130') where its metadata, like torchvision's, has none ('2.14.1'); the index's wheels
+    carry theirs in both ('2.14.1+cpu', '0.29.1+cpu'). So the labels compare like with like: a CPU torch with
+    PyPI's torchvision (built against the CUDA torch) is the mismatch that breaks `import timm` with "operator
+    torchvision::nms does not exist"."""
+    torch_version = _dist_version('torch')
+    if torch_version is None:
+        return None
+    vision_version = _dist_version('torchvision')
+    match = re.match(r'(\d+)\.(\d+)', torch_version)
+    wanted = 'torchvision'
+    if match and match.group(1) == '2':
+        wanted = f'torchvision==0.{int(match.group(2)) + TORCHVISION_MINOR_OFFSET}.*'
+    label = _local_label(torch_version)
+    if vision_version is not None:
+        release = re.match(r'(\d+\.\d+)', vision_version)
+        same_release = wanted == 'torchvision' or (release and wanted == f'torchvision=={release.group(1)}.*')
+        if same_release and _local_label(vision_version) == label:
+            return None
+    # the matching build: from PyTorch's index of torch's own label (cpu, cu126, rocm6.4, xpu), else from PyPI
+    index = f' --index-url {TORCH_INDEX}/{label}' if re.fullmatch(r'cpu|cu\d+|rocm[\d.]+|xpu', label) else ''
+    fix = f'pip install --force-reinstall --no-deps "{wanted}"{index}'
+    build = f' ({label} build)' if label else ''
+    if vision_version is None:
+        return f'timm needs torchvision, which is not installed; install the one for torch {torch_version}: {fix}'
+    return (f'torchvision {vision_version} does not match torch {torch_version}{build}, so timm cannot be imported; '
+            f'install the torchvision built for it: {fix}')
+
+
+def _import_timm() -> Any:
+    """timm, with the CabViT models registered; a torchvision that does not match torch (the usual reason for
+    `import timm` to fail on a fresh machine) is reported in one line with the command that fixes it."""
+    try:
+        import timm
+
+        import timm_cabvit  # noqa: F401  (registers the models)
+    except (ImportError, RuntimeError, OSError):
+        problem = _torchvision_mismatch()
+        if problem is None:
+            raise
+        raise CommandError(problem) from None
+    return timm
+
+
+def _models(names: Optional[Sequence[str]], img_size: Optional[Tuple[int, int]] = None) -> List[str]:
+    """The names (optionally with a pretrained tag; all CabViT models if None), after checking each is a CabViT
+    model that can be built for `img_size`: on the meta device, which takes neither memory nor time, so a bad size
+    fails at once. Unknown names are refused before timm is imported."""
+    if names is not None:
+        _check_names(names)
+    timm = _import_timm()
     from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
-    import timm_cabvit  # noqa: F401  (registers the models)
-
     known = timm.list_models('cabvit*')
+    if names is None:
+        names = known
     unknown = [n for n in names if split_model_name_tag(n)[0] not in known]
     if unknown:
-        raise UsageError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        named = ', '.join(_did_you_mean(n, known, split_model_name_tag(n)[0]) for n in unknown)
+        raise UsageError(f"unknown model(s) {named}; choose from {', '.join(known)}")
     for name in names:
         arch, tag = split_model_name_tag(name)
         if tag and name not in get_arch_pretrained_cfgs(arch):
@@ -204,9 +335,7 @@ def _wrote(path: Any, what: str) -> None:
 
 def run_table(args: argparse.Namespace) -> None:
     """The models at a glance: parameters, FLOPs, the paper's figures and measured speed."""
-    import timm
-
-    names = _models(args.models or timm.list_models('cabvit*'), args.img_size)
+    names = _models(args.models, args.img_size)
     device = _timing_device(args.device)
     import torch
 
@@ -263,6 +392,8 @@ def run_attention(args: argparse.Namespace) -> None:
     """
     (name,) = _models([args.model], args.img_size)
     out = _output_file(args.out, '--out', 'attention.png')
+    if args.blocks:
+        _check_blocks(name, args.blocks, args.img_size)
     if not Path(args.image).is_file():
         raise CommandError(f"image '{args.image}' is not a file")
     if args.checkpoint is None:
@@ -272,6 +403,21 @@ def run_attention(args: argparse.Namespace) -> None:
 
     print(run_attention_command(args.image, name, checkpoint=args.checkpoint, blocks=args.blocks, out=out,
                                 img_size=args.img_size))
+
+
+def _check_blocks(name: str, blocks: Sequence[str], img_size: Optional[Tuple[int, int]]) -> None:
+    """Refuse block names the model does not have, from the model built on the meta device (no memory, no time,
+    no checkpoint read): the blocks are the architecture's, whatever the weights."""
+    import timm
+
+    from timm_cabvit.attention_maps import cabvit_blocks
+
+    kwargs = {} if img_size is None else {'img_size': img_size}
+    available = list(cabvit_blocks(timm.create_model(name.split('.', 1)[0], num_classes=0, device='meta', **kwargs)))
+    unknown = [b for b in blocks if b not in available]
+    if unknown:
+        raise UsageError(f"--blocks: unknown block(s) {', '.join(_did_you_mean(b, available) for b in unknown)}; "
+                         f"{name} has {', '.join(available)}")
 
 
 def recipe_path(model_name: str) -> Path:
@@ -289,6 +435,7 @@ def run_recipe(args: argparse.Namespace) -> None:
     """Print the paper's ImageNet training recipe of a model as a YAML config for timm's train.py (train.py -c
     FILE), or with --path where the file is.
     """
+    _check_names([args.model])
     try:
         path = recipe_path(args.model)
     except ValueError as e:
@@ -302,6 +449,8 @@ def run_export(args: argparse.Namespace) -> None:
     strictly; nothing is exported partially.
     """
     (name,) = _models([args.model], args.img_size)
+    if args.repo_id is not None:
+        _check_repo_id(args.repo_id, 'the folder to write is --out')
     from timm_cabvit import hub
 
     try:
@@ -318,10 +467,26 @@ def run_push(args: argparse.Namespace) -> None:
     """Upload a folder written by `timm-cabvit export` to a Hub model repo, creating the repo if needed. Log in
     first with `hf auth login` or set HF_TOKEN.
     """
+    _check_repo_id(args.repo_id, 'the folder to upload is DIR')
+    _import_timm()
     from timm_cabvit import hub
 
     print(hub.push(args.dir, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                    create_pr=args.create_pr, commit_message=args.commit_message))
+
+
+def _check_repo_id(repo_id: str, folder: str) -> None:
+    """Refuse a --repo-id that is no Hub repo id (a local path, say) before anything is read or sent; `folder` says
+    where the command takes its folder instead."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        local = f' but a path here ({folder})' if Path(repo_id).expanduser().exists() else ''
+        raise UsageError(f"--repo-id {repo_id}: not a Hub model repo id{local}; give ORG/NAME or NAME, of letters, "
+                         f"digits, '-', '_' and '.', at most 96 characters, e.g. me/cabvit_h_l1") from None
 
 
 def run_export_onnx(args: argparse.Namespace) -> None:
@@ -390,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "FLOPs and ImageNet top-1 beside ours, and measured inference images/s on this machine "
                     "(median and range of the timed passes; a note when other processes kept cores busy).",
         epilog='Exit codes: 0 success, 2 a command line that cannot work as written, 1 a failure while running.')
+    parser.add_argument('--version', action=_Version,
+                        help="print timm-cabvit's version and those of torch, torchvision and timm, and exit")
     parser.add_argument('--models', nargs='+', metavar='NAME', help='models to show (default: all four)')
     parser.add_argument('--batch-size', type=_int_at_least(1), default=8,
                         help='images per forward pass when measuring speed (default: %(default)s)')
@@ -480,6 +647,43 @@ def _user_errors() -> Tuple[type, ...]:
     return tuple(errors)
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is memory run out: Python's MemoryError, torch's OutOfMemoryError (CUDA, MPS, XPU), or
+    the RuntimeError of its CPU allocator ("DefaultCPUAllocator: can't allocate memory" / "not enough memory")."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get('torch')
+    if torch is not None and isinstance(error, getattr(torch, 'OutOfMemoryError', ())):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ('out of memory', "can't allocate memory", 'not enough memory'))
+
+
+def _memory_message(error: BaseException, args: argparse.Namespace) -> str:
+    """One line for memory run out: how much was asked for where torch says, and the settings to lower."""
+    asked = ''
+    match = re.search(r'tried to allocate (\d+) bytes', str(error), re.IGNORECASE)
+    if match:
+        size, unit = float(match.group(1)), 'bytes'
+        for bigger in ('kB', 'MB', 'GB', 'TB', 'PB', 'EB'):
+            if size < 1000:
+                break
+            size, unit = size / 1000, bigger
+        asked = f' (tried to allocate {size:.3g} {unit})'
+    else:  # CUDA's "Tried to allocate 20.00 MiB"
+        match = re.search(r'tried to allocate ([\d.]+ ?[KMGTP]i?B)', str(error), re.IGNORECASE)
+        asked = f' (tried to allocate {match.group(1)})' if match else ''
+    settings = []
+    if args.command is None:  # the table; the namespace of a command holds the table's defaults too
+        settings.append(f'--batch-size (now {args.batch_size})')
+    if args.command not in ('recipe', 'push'):
+        size = "the checkpoint's, else 224" if args.img_size is None else f'{args.img_size[0]}x{args.img_size[1]}'
+        settings.append(f'--img-size (now {size})')
+    lower = f": lower {' or '.join(settings)}" if settings else ''
+    return f'out of memory{asked}{lower}'
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; the exit code (see the module doc). argparse's errors exit here (SystemExit 2)."""
     args = build_parser().parse_args(argv)
@@ -491,8 +695,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        if not isinstance(e, _user_errors()):
+        if _out_of_memory(e):
+            code, message = 1, _memory_message(e, args)
+        elif isinstance(e, _user_errors()):
+            code, message = 1, str(e)
+        else:
             raise
-        code, message = 1, str(e)
     print(f"{PROG}{'' if args.command is None else ' ' + args.command}: {message}", file=sys.stderr)
     return code
