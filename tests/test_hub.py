@@ -449,3 +449,21 @@ def test_card_claims_only_the_dataset_it_is_given(exported, tmp_path):
     named = hub.export_checkpoint(ten, 'cabvit_p_l0', tmp_path / 'named', img_size=32, dataset='Oxford Flowers-102')
     card = (named / 'README.md').read_text()
     assert '- **Dataset:** Oxford Flowers-102' in card and 'datasets:\n- oxford flowers-102' in card
+
+
+@pytest.mark.parametrize('org, offline, message', [
+    ('not an/org', '0', r"TIMM_CABVIT_HUB_ORG='not an/org' is not a Hugging Face organisation or user name"),
+    ('my-org', '1', r"(?s)Could not load the weights of cabvit_h_l1 from Hugging Face Hub repo "
+                    r"'my-org/cabvit_h_l1.in1k' \(named by TIMM_CABVIT_HUB_ORG=my-org\): HF_HUB_OFFLINE is set"),
+])
+def test_organisation_errors_name_the_variable(org, offline, message, hf_env):
+    """A bad TIMM_CABVIT_HUB_ORG, or its repo out of reach, is said in terms of the variable and the repo."""
+    script = ('import timm\n'
+              'try:\n'
+              "    timm.create_model('cabvit_h_l1', pretrained=True)\n"
+              'except RuntimeError as e:\n'
+              '    print(e)\n')
+    env = dict(os.environ, TIMM_CABVIT_HUB_ORG=org, HF_HUB_OFFLINE=offline)
+    done = subprocess.run([sys.executable, '-c', script], env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert re.search(message, done.stdout), done.stdout

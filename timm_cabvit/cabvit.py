@@ -19,9 +19,12 @@ from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable, Dict, Final, List, Optional, Sequence, Set, Tuple, Type, Union
 
+import huggingface_hub.constants
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath,
@@ -1158,9 +1161,27 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _check_weights_exist(variant: str, kwargs: Dict[str, Any]) -> None:
-    """Refuse `pretrained=True` at once, saying how to load weights, where the cfg names none to load."""
+def _organisation_repo(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
+    """The repo of TIMM_CABVIT_HUB_ORG that `pretrained=True` loads from, None where the cfg names other weights."""
     cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    if not WEIGHTS_HUB_ORG or cfg.file or cfg.url or cfg.state_dict is not None:
+        return None
+    return cfg.hf_hub_id if (cfg.hf_hub_id or '').startswith(f'{WEIGHTS_HUB_ORG}/') else None
+
+
+def _check_weights_exist(variant: str, kwargs: Dict[str, Any]) -> None:
+    """Refuse `pretrained=True` at once, saying how to load weights, where the cfg names none to load or names
+    them by a TIMM_CABVIT_HUB_ORG that is no organisation name."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    repo = _organisation_repo(variant, kwargs)
+    if repo is not None:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError as e:
+            raise RuntimeError(
+                f"TIMM_CABVIT_HUB_ORG={WEIGHTS_HUB_ORG!r} is not a Hugging Face organisation or user name "
+                f"({str(e).splitlines()[0]}): set it to the organisation whose repos hold the weights, e.g. "
+                f"TIMM_CABVIT_HUB_ORG=my-org, or unset it.") from None
     if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict is not None):
         raise RuntimeError(
             f"No pretrained weights are published for {variant} yet. Load your own: "
@@ -1172,13 +1193,24 @@ def _check_weights_exist(variant: str, kwargs: Dict[str, Any]) -> None:
 def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     if pretrained:
         _check_weights_exist(variant, kwargs)
+    repo = _organisation_repo(variant, kwargs) if pretrained else None
     out_indices = kwargs.pop('out_indices', 4 if model_cls is CabViT else 3)
-    return build_model_with_cfg(
-        model_cls, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            model_cls, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+    except (OSError, HfHubHTTPError) as e:
+        if repo is None:
+            raise
+        offline = 'HF_HUB_OFFLINE is set; ' if huggingface_hub.constants.HF_HUB_OFFLINE else ''
+        raise RuntimeError(
+            f"Could not load the weights of {variant} from Hugging Face Hub repo '{repo}' (named by "
+            f"TIMM_CABVIT_HUB_ORG={WEIGHTS_HUB_ORG}): {offline}{type(e).__name__}: {str(e).splitlines()[0]}. "
+            f"Check the repo exists and is reachable (HF_ENDPOINT, HF_TOKEN for a private one); without network "
+            f"access set HF_HUB_OFFLINE=1 to load a copy downloaded before, or unset TIMM_CABVIT_HUB_ORG.") from e
 
 
 @register_model
