@@ -8,6 +8,7 @@ marked slow.
 import copy
 import functools
 import sys
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -214,6 +215,74 @@ def test_calibrated_batchnorm_gives_a_random_model_outputs_to_compare():
     assert momenta == {0.1}  # each BatchNorm's momentum is restored
     assert all(torch.allclose(v, model.state_dict()[k]) for k, v in again.items())
     assert any(not torch.allclose(v, calibrated[k]) for k, v in again.items())
+
+
+def _dynamic_p_l0() -> torch.nn.Module:
+    """A dynamic cabvit_p_l0 built at 64 whose tables matter: at another size they are resampled in its forward."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _like_trained(timm.create_model('cabvit_p_l0', img_size=64, dynamic_img_size=True))
+    return model.eval()
+
+
+@pytest.mark.parametrize('export', ['onnx', 'torch.export', 'torchscript'])
+def test_dynamic_model_exported_at_a_size_not_a_multiple_of_16_equals_it(export, tmp_path):
+    """Exported at 36x52 (2x3 patches, the rest dropped), each export gives what the eager dynamic model gives at
+    36x52, and its check reports that difference."""
+    model = _dynamic_p_l0()
+    x = torch.randn(3, 3, 36, 52)
+    if export == 'onnx':
+        report = export_onnx(model, tmp_path / 'p_l0.onnx', img_size=(36, 52))
+        session = onnxruntime.InferenceSession(tmp_path / 'p_l0.onnx', providers=['CPUExecutionProvider'])
+        out = torch.from_numpy(session.run(None, {'input': x.numpy()})[0])
+    elif export == 'torch.export':
+        report = export_program(model, img_size=(36, 52))
+        out = report['program'].module()(x)
+    else:
+        report = export_torchscript(model, img_size=(36, 52))
+        out = report['module'](x)
+    with torch.no_grad():
+        ref = model(x)
+    assert report['img_size'] == (36, 52) and model.img_size == (64, 64)
+    assert ref.abs().max() > 0.1 and (out - ref).abs().max() < 1e-5 * ref.abs().max()
+    assert report['max_rel_diff'] < 1e-5
+
+
+def test_export_check_compares_with_the_model_as_given(tmp_path):
+    """A dynamic model is exported at another size from a copy whose tables were resampled once; the check compares
+    the export with the model as given, which resamples them in its forward pass. Tables resampled wrongly for the
+    export are caught."""
+    model = _dynamic_p_l0()
+    set_input_size = type(model).set_input_size
+
+    def wrong_set_input_size(self, img_size):
+        set_input_size(self, img_size)
+        with torch.no_grad():
+            self.blocks[0].attn.pos_bias.relative_position_bias_table[0].add_(1.)
+
+    with mock.patch.object(type(model), 'set_input_size', wrong_set_input_size):
+        with pytest.raises(ExportCheckError, match='differs from PyTorch'):
+            export_program(model, img_size=(36, 52))
+        with pytest.raises(ExportCheckError, match='differs from PyTorch'):
+            export_onnx(model, tmp_path / 'p_l0.onnx', img_size=(36, 52))
+
+
+def test_onnx_export_of_a_features_only_backbone_at_its_own_size(tmp_path):
+    """A backbone built at 64 exports at 64 by default: one graph output per feature map, each with a dynamic
+    batch and checked."""
+    backbone = calibrate_batchnorm(timm.create_model('cabvit_h_l1', features_only=True, img_size=64), 2)
+    path = tmp_path / 'backbone.onnx'
+    report = export_onnx(backbone, path)
+    assert report['img_size'] == (64, 64) and report['max_abs_diff'] < 1e-4 and report['batch_sizes'] == (1, 3)
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape == ['batch', 3, 64, 64]
+    x = _images(2, 64)
+    with torch.no_grad():
+        ref = backbone(x)
+    outs = session.run(None, {'input': x.numpy()})
+    assert [o.shape for o in outs] == [tuple(r.shape) for r in ref] == [
+        (2, 64, 16, 16), (2, 128, 8, 8), (2, 192, 4, 4), (2, 320, 2, 2)]
+    assert all(np.abs(o - r.numpy()).max() < 1e-4 for o, r in zip(outs, ref))
 
 
 def test_onnx_missing_names_the_extra(tmp_path, monkeypatch):

@@ -43,6 +43,37 @@ def test_other_size_equals_the_resampled_fixed_model(fixed_and_dynamic):
         torch.testing.assert_close(dynamic(x), resampled(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('model_name', ['cabvit_h_l1', 'cabvit_p_l0'])
+@pytest.mark.parametrize('size', [(40, 40), (36, 52)])
+def test_sizes_not_multiples_of_16_take_one_patch_rule(model_name, size):
+    """Fixed and dynamic models agree at the fixed model's size, and a dynamic model built for another size equals
+    the fixed model resampled to it: cabvit_p_l0 drops what lies past whole patches in both (as timm's ViT built for
+    such a size), CabViT-H's strided convolutions cover it in both."""
+    fixed = _randomized(model_name, img_size=size)
+    dynamic = timm.create_model(model_name, img_size=size, dynamic_img_size=True).eval()
+    dynamic.load_state_dict(fixed.state_dict())
+    other = _randomized(model_name, img_size=64, dynamic_img_size=True)
+    resampled = _randomized(model_name, img_size=64)
+    resampled.load_state_dict(other.state_dict())
+    resampled.set_input_size(size)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(x), fixed(x), rtol=0, atol=0)
+        torch.testing.assert_close(other(x), resampled(x), rtol=0, atol=0)
+
+
+def test_scripted_dynamic_model_says_the_size_it_takes():
+    """TorchScript cannot resample the tables: a scripted dynamic model runs at its img_size and refuses others."""
+    model = _randomized('cabvit_h_l1', img_size=(64, 96), dynamic_img_size=True)
+    scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+        with pytest.raises(torch.jit.Error, match=r'takes 64x96 images only, the size it was built for.* got 96x64; '
+                                                  r'call set_input_size\(\(96, 64\)\) before torch.jit.script'):
+            scripted(torch.randn(1, 3, 96, 64))
+
+
 @pytest.mark.parametrize('model_name', ['cabvit_h_l1', pytest.param('cabvit_p_l0', marks=pytest.mark.slow)])
 def test_one_instance_runs_every_size(model_name):
     dynamic = timm.create_model(model_name, dynamic_img_size=True).eval()

@@ -166,6 +166,20 @@ def test_wrong_input_gives_clear_value_errors(model_name):
         timm.create_model(model_name, img_size=8)
 
 
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning', 'ignore:`torch.jit.trace_method` is deprecated')
+@pytest.mark.parametrize('dynamic_img_size', [False, True])
+def test_trace_refuses_an_input_of_another_size(dynamic_img_size):
+    """torch.jit.trace records no Python comparison of sizes: the size check is a TorchScript call in the trace.
+    Without it a non-square model's trace ran on the transposed input and returned wrong logits."""
+    model = timm.create_model('cabvit_h_l1', img_size=(64, 96), dynamic_img_size=dynamic_img_size).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)  # its index constants differ from trace to trace
+        torch.testing.assert_close(traced(x), model(x))
+        with pytest.raises(torch.jit.Error, match=r'trace of a CabViT model takes 64x96 images only, got 96x64'):
+            traced(torch.randn(2, 3, 96, 64))
+
+
 @pytest.mark.parametrize('model_name', ['cabvit_h_l1', 'cabvit_p_l0'])
 def test_empty_batch_and_input_types(model_name):
     """An empty batch gives empty logits, as timm's other models; other dtypes and non-tensors a clear error."""

@@ -115,22 +115,64 @@ def _compare(tme: TokenMergeEnhance, x: torch.Tensor, train: bool, rtol: float =
         assert torch.allclose(b[name].double(), b_ref[name].double(), rtol=rtol, atol=rtol), name
 
 
-def test_impl_from_env_and_module_setting():
+def test_impl_from_env_and_module_setting(monkeypatch):
     script = 'import timm_cabvit.tme as t; print(t.get_tme_impl())'
     done = subprocess.run([sys.executable, '-c', script], env=dict(os.environ, TIMM_CABVIT_TME='torch'),
                           capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == 'torch', done.stderr
-    with mock.patch.object(tme_module, '_TME_IMPL', 'cuda'), pytest.raises(ValueError, match='TIMM_CABVIT_TME'):
-        TokenMergeEnhance(8, (4, 4))._use_triton(torch.zeros(1, 16, 8))
+    for value, impl in (('triton', 'triton'), ('', 'auto')):
+        monkeypatch.setenv('TIMM_CABVIT_TME', value)
+        with mock.patch.object(tme_module, 'HAS_TRITON', True):
+            assert tme_module._impl_from_environment() == impl
     tme = TokenMergeEnhance(8, (4, 4))
     assert tme.tme_impl is None  # follows the module-level setting
     try:
-        tme_module.set_tme_impl('triton')
+        with mock.patch.object(tme_module, 'HAS_TRITON', True):
+            tme_module.set_tme_impl('triton')
         assert tme_module.get_tme_impl() == 'triton' and tme._use_triton(torch.zeros(1, 16, 8))
-        with pytest.raises(ValueError, match="'auto', 'triton' or 'torch'"):
+        with pytest.raises(ValueError, match="'auto', 'triton' or 'torch', got 'fused'"):
             tme_module.set_tme_impl('fused')
+        with pytest.raises(ValueError, match="pass the model"):
+            tme_module.set_tme_impl(None)
+        assert tme_module.get_tme_impl() == 'triton'  # a refused setting changes nothing
     finally:
         tme_module.set_tme_impl('auto')
+
+
+@pytest.mark.parametrize('value, message', [
+    ('fused', r"TIMM_CABVIT_TME='fused' is ignored, the TME implementation is 'auto': .*'auto', 'triton' or 'torch'"),
+    ('Triton', r"TIMM_CABVIT_TME='Triton' is ignored"),
+    ('triton', r"TIMM_CABVIT_TME='triton' is ignored.*needs Triton, which is not installed: pip install triton"),
+])
+def test_bad_env_value_warns_at_import_and_falls_back_to_auto(monkeypatch, value, message):
+    """A warning rather than an error: through timm's entry-point hook an error would unregister every model."""
+    monkeypatch.setenv('TIMM_CABVIT_TME', value)
+    with mock.patch.object(tme_module, 'HAS_TRITON', False), pytest.warns(RuntimeWarning, match=message):
+        assert tme_module._impl_from_environment() == 'auto'
+
+
+def test_bad_env_value_leaves_import_timm_and_the_models_working():
+    script = ('import warnings; warnings.simplefilter("always"); import timm; from timm_cabvit.tme import '
+              'get_tme_impl; timm.create_model("cabvit_h_l1", img_size=32); print(get_tme_impl())')
+    done = subprocess.run([sys.executable, '-c', script], env=dict(os.environ, TIMM_CABVIT_TME='fused'),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == 'auto', done.stderr
+    assert "TIMM_CABVIT_TME='fused' is ignored, the TME implementation is 'auto'" in done.stderr
+
+
+def test_triton_without_triton_is_refused_when_set():
+    """Where Triton is missing, 'triton' is refused by every setter, saying so and how to install it."""
+    model = timm.create_model('cabvit_h_l1', img_size=32)
+    tme = model.stages[2].blocks[0].tme
+    message = r"'triton' needs Triton, which is not installed: pip install triton"
+    before = tme_module.get_tme_impl()
+    with mock.patch.object(tme_module, 'HAS_TRITON', False):
+        for set_triton in (lambda: tme_module.set_tme_impl('triton'), lambda: model.set_tme_impl('triton'),
+                           lambda: tme.set_impl('triton')):
+            with pytest.raises(ImportError, match=message):
+                set_triton()
+        model.set_tme_impl('torch')  # the others still work
+    assert tme_module.get_tme_impl() == before and tme.tme_impl == 'torch'
 
 
 @pytest.mark.parametrize('model_name, img_size', [('cabvit_h_l1', 64), ('cabvit_p_l0', 32)])
@@ -139,10 +181,21 @@ def test_set_tme_impl(model_name, img_size):
     tmes = [m for m in model.modules() if isinstance(m, TokenMergeEnhance)]
     assert tmes
     for impl in ('triton', 'torch', 'auto'):
-        model.set_tme_impl(impl)
+        with mock.patch.object(tme_module, 'HAS_TRITON', True):
+            model.set_tme_impl(impl)
         assert all(m.tme_impl == impl for m in tmes)
     with pytest.raises(ValueError):
         model.set_tme_impl('fused')
+    assert all(m.tme_impl == 'auto' for m in tmes)
+    model.set_tme_impl(None)  # back to the module-level setting
+    assert all(m.tme_impl is None for m in tmes)
+    x = torch.zeros(1, 16, 8)
+    try:
+        with mock.patch.object(tme_module, 'HAS_TRITON', True):
+            tme_module.set_tme_impl('triton')
+        assert all(m._use_triton(x) for m in tmes)
+    finally:
+        tme_module.set_tme_impl('auto')
 
 
 def test_path_selection():
@@ -150,7 +203,8 @@ def test_path_selection():
     x = torch.zeros(1, 16, 8)
     tme.set_impl('torch')
     assert not tme._use_triton(x)
-    tme.set_impl('triton')
+    with mock.patch.object(tme_module, 'HAS_TRITON', True):
+        tme.set_impl('triton')
     assert tme._use_triton(x)
     tme.set_impl('auto')
     assert not tme._use_triton(x)

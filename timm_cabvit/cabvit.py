@@ -799,8 +799,9 @@ class CabViT(nn.Module):
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def set_tme_impl(self, impl: str) -> None:
-        """Select the TME implementation of this model: 'auto', 'triton' (fused kernel) or 'torch'."""
+    def set_tme_impl(self, impl: Optional[str]) -> None:
+        """Select the TME implementation of this model: 'auto', 'triton' (fused kernel), 'torch', or None for the
+        module-level setting (`timm_cabvit.tme.set_tme_impl`)."""
         set_tme_impl(impl, self)
 
     @torch.jit.ignore
@@ -940,8 +941,8 @@ class CabViTPlain(nn.Module):
             ls_init_value: Layer scale init, None for none (DeiT has none).
             drop_rate: Dropout before the classifier.
             drop_path_rate: Stochastic depth, linear from 0 over the blocks.
-            dynamic_img_size: Take any input size per forward (padded to whole patches), the tables resampled to
-                its patch grid (as timm's ViT).
+            dynamic_img_size: Take any input size per forward, the tables resampled to its patch grid (as timm's
+                ViT); pixels past whole patches are dropped, as the fixed-size model's patch embedding drops them.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -957,7 +958,7 @@ class CabViTPlain(nn.Module):
         self.grad_checkpointing = False
         self.dynamic_img_size = dynamic_img_size
 
-        dynamic = dict(strict_img_size=False, output_fmt='NHWC', dynamic_img_pad=True) if dynamic_img_size else {}
+        dynamic = dict(strict_img_size=False, output_fmt='NHWC') if dynamic_img_size else {}
         self.patch_embed = PatchEmbed(
             img_size=self.img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **dynamic, **dd)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
@@ -972,8 +973,8 @@ class CabViTPlain(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.init_weights(needs_reset=False)
-
         self.register_load_state_dict_pre_hook(load_state_dict_pre_hook)
+
     def init_weights(self, needs_reset: bool = True) -> None:
         """(Re)initialise all weights and index buffers, e.g. after meta-device construction and `to_empty()`."""
         trunc_normal_(self.cls_token, std=.02)
@@ -1003,8 +1004,9 @@ class CabViTPlain(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def set_tme_impl(self, impl: str) -> None:
-        """Select the TME implementation of this model: 'auto', 'triton' (fused kernel) or 'torch'."""
+    def set_tme_impl(self, impl: Optional[str]) -> None:
+        """Select the TME implementation of this model: 'auto', 'triton' (fused kernel), 'torch', or None for the
+        module-level setting (`timm_cabvit.tme.set_tme_impl`)."""
         set_tme_impl(impl, self)
 
     @torch.jit.ignore
@@ -1033,6 +1035,9 @@ class CabViTPlain(nn.Module):
         """Run blocks 0..stop_index: the last tokens, the outputs of the blocks in take_indices, the patch grid."""
         x = check_input(x, self.in_chans, self.img_size, self.patch_embed.proj.weight.dtype, self.min_img_size,
                         self.dynamic_img_size)
+        if self.dynamic_img_size:  # whole patches: the fixed-size model's strided conv drops the rest too
+            patch_h, patch_w = self.patch_embed.patch_size
+            x = x[:, :, :x.shape[2] // patch_h * patch_h, :x.shape[3] // patch_w * patch_w]
         x = self.patch_embed(x)
         if self.dynamic_img_size:
             grid_size = (x.shape[1], x.shape[2])

@@ -13,17 +13,18 @@ otherwise, as timm's own `timm.utils.onnx_export` does, with the ConvNeXt blocks
 (`convnext_mlps_as_convolutions`), which ONNX Runtime runs as NCHWc convolutions: 6-9 % less time for cabvit_h_l1
 and h_l2 than the Linear form at opset 18 (2 threads, benchmarks/cpu_latency.py). The torch.export-based exporter
 (`dynamo=True`, torch's default since 2.9) at opset 23 writes attention as ONNX's Attention node, which ONNX Runtime
-runs fused: 3-5 % less again for cabvit_h_l1, none for h_l2; it takes 3-5 times longer to export these models
-(11-14 s against 2-4 s for cabvit_h_l1 on two CPU cores) and needs `onnxscript`.
+runs fused: about 6 % less again for cabvit_h_l1 at 2 threads (none at 1), none for h_l2; it takes 3-5 times
+longer to export these models (11-14 s against 2-4 s for cabvit_h_l1 on two CPU cores) and needs `onnxscript`.
 The TorchScript-based exporter is deprecated (a DeprecationWarning, silenced here), and so are `torch.jit.script`,
 `save` and `load` (FutureWarnings, left visible): both still work with torch 2.14 and are kept because timm's
 users and tools expect them.
 
-Every check compares the export with PyTorch on random images and reports the largest absolute difference, the
-largest output and their ratio. In eval mode a freshly initialised CabViT-H model's outputs nearly vanish (~1e-20:
-each TME enhance conv shrinks activations at the BatchNorms' initial statistics), so a check of a random model
-would compare zeros: it is refused, and a model created by name without a checkpoint gets its statistics from
-`calibrate_batchnorm` first, the activation scale of a trained one.
+Every check compares the export with PyTorch, the model as given in eval mode (neither folded nor, for a
+`dynamic_img_size` model exported at another size, resampled), on random images and reports the largest absolute
+difference, the largest output and their ratio. In eval mode a freshly initialised CabViT-H model's outputs nearly
+vanish (~1e-20: each TME enhance conv shrinks activations at the BatchNorms' initial statistics), so a check of a
+random model would compare zeros: it is refused, and a model created by name without a checkpoint gets its
+statistics from `calibrate_batchnorm` first, the activation scale of a trained one.
 """
 import copy
 import io
@@ -31,11 +32,12 @@ import itertools
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import ConvMlp, LayerNorm2d, to_2tuple
+from timm.models._features import FeatureGetterNet
 from timm.models.convnext import ConvNeXtBlock
 from timm.utils import reparameterize_model
 
@@ -64,9 +66,15 @@ class ExportCheckError(RuntimeError):
     """An export whose outputs differ from PyTorch's by more than the tolerance."""
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside timm's feature wrapper (a CabViT `features_only` backbone), else the model itself."""
+    return model.model if isinstance(model, FeatureGetterNet) else model
+
+
 def model_input_size(model: nn.Module) -> Tuple[int, int]:
-    """The (H, W) a model was built for: `img_size` of CabViT models, the pretrained cfg's for other timm models."""
-    img_size = getattr(model, 'img_size', None)
+    """The (H, W) a model was built for: `img_size` of CabViT models and their `features_only` backbones, the
+    pretrained cfg's for other timm models."""
+    img_size = getattr(_unwrapped(model), 'img_size', None)
     if img_size is None:
         img_size = model.pretrained_cfg['input_size'][-2:]
     return to_2tuple(img_size)
@@ -167,33 +175,40 @@ def _prepare(
         checkpoint: Optional[PathLike],
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
-) -> Tuple[nn.Module, int, Tuple[int, int]]:
-    """`prepare_model`, the number of parameters before re-parameterisation, and the input size."""
+) -> Tuple[nn.Module, nn.Module, int, Tuple[int, int]]:
+    """`prepare_model`, the model its export is checked against, the number of parameters before
+    re-parameterisation, and the input size.
+
+    The check's reference is the model as given (or created), in eval mode on the export's device and dtype, neither
+    folded nor resampled: an export of a `dynamic_img_size` model at another size is compared with what that model
+    computes at that size, not with the copy whose tables were resampled for the export.
+    """
     if isinstance(model_or_name, str):
         kwargs = {} if img_size is None else {'img_size': to_2tuple(img_size)}
-        model = create_model(model_or_name, checkpoint=checkpoint, **kwargs)
+        reference = create_model(model_or_name, checkpoint=checkpoint, **kwargs)
         if checkpoint is None:  # random weights: outputs worth comparing need calibrated statistics
-            calibrate_batchnorm(model, CALIBRATION_BATCHES)
+            calibrate_batchnorm(reference, CALIBRATION_BATCHES)
+        other_size = False  # created at that size
     else:
         if checkpoint is not None:
             raise ValueError('checkpoint= loads weights into a model created by name; load them into a given model')
-        own_size = getattr(model_or_name, 'img_size', None)
+        own_size = getattr(_unwrapped(model_or_name), 'img_size', None)
         other_size = img_size is not None and own_size is not None and to_2tuple(img_size) != to_2tuple(own_size)
-        dynamic = getattr(model_or_name, 'dynamic_img_size', False)
-        if other_size and not dynamic:
+        if other_size and not getattr(_unwrapped(model_or_name), 'dynamic_img_size', False):
             raise ValueError(
                 f'The model was built for {model_input_size(model_or_name)} images, not {to_2tuple(img_size)}: '
                 f'its bias tables are sized for that grid. Create it with img_size={to_2tuple(img_size)} '
                 f'or call set_input_size() first.')
-        model = copy.deepcopy(model_or_name)
-        if other_size:
-            model.set_input_size(to_2tuple(img_size))  # the tables a dynamic model resamples to at that size
-    img_size = model_input_size(model) if img_size is None else to_2tuple(img_size)
-    model = model.to(device=device, dtype=dtype).eval()
+        reference = copy.deepcopy(model_or_name)
+    img_size = model_input_size(reference) if img_size is None else to_2tuple(img_size)
+    reference = reference.to(device=device, dtype=dtype).eval()
+    model = copy.deepcopy(reference)
+    if other_size:  # a dynamic model: the tables it resamples to at that size, resampled once
+        _unwrapped(model).set_input_size(img_size)
     params_before = _num_params(model)
     if reparameterize:
         model = reparameterize_model(model, inplace=True)
-    return model, params_before, img_size
+    return model, reference, params_before, img_size
 
 
 @torch.no_grad()
@@ -221,7 +236,7 @@ def convnext_mlps_as_convolutions(model: nn.Module) -> nn.Module:
 def _example_input(model: nn.Module, batch_size: int, img_size: Tuple[int, int]) -> torch.Tensor:
     """Random images of the model's channels, device and dtype."""
     param = next(model.parameters())
-    in_chans = getattr(model, 'in_chans', 3)
+    in_chans = getattr(_unwrapped(model), 'in_chans', 3)
     return torch.randn(batch_size, in_chans, *img_size, device=param.device, dtype=param.dtype)
 
 
@@ -239,15 +254,21 @@ def _check_batch_sizes(batch_size: int, dynamic_batch: bool) -> Tuple[int, ...]:
     return (batch_size, batch_size + 2) if dynamic_batch else (batch_size,)
 
 
+def _outputs(out: Any) -> List[torch.Tensor]:
+    """The outputs of a model or an export as tensors: the logits, or the maps of a `features_only` backbone."""
+    return [torch.as_tensor(o) for o in out] if isinstance(out, (list, tuple)) else [torch.as_tensor(out)]
+
+
 def _check(
-        model: nn.Module,
-        run: Callable[[torch.Tensor], torch.Tensor],
+        reference: nn.Module,
+        run: Callable[[torch.Tensor], Any],
         batch_sizes: Sequence[int],
         img_size: Tuple[int, int],
         atol: float,
         what: str,
 ) -> Dict[str, Any]:
-    """Compare `run` with the model on random images of each batch size; raise if they differ by `atol` or more.
+    """Compare `run` with the reference model (see `_prepare`) on random images of each batch size; raise if an
+    output differs in shape, or by `atol` or more.
 
     Returns max_abs_diff, max_abs_output (the largest PyTorch output, for scale), max_rel_diff (their ratio) and
     the batch_sizes compared.
@@ -255,11 +276,15 @@ def _check(
     diff, scale = 0., 0.
     with torch.no_grad():
         for batch_size in batch_sizes:
-            x = _example_input(model, batch_size, img_size)
-            ref = model(x).float()
-            out = torch.as_tensor(run(x)).to(x.device).float()
-            diff = max(diff, (out - ref).abs().max().item())
-            scale = max(scale, ref.abs().max().item())
+            x = _example_input(reference, batch_size, img_size)
+            refs, outs = _outputs(reference(x)), _outputs(run(x))
+            if [o.shape for o in outs] != [r.shape for r in refs]:
+                raise ExportCheckError(
+                    f'{what} gives outputs of shapes {[tuple(o.shape) for o in outs]}, PyTorch '
+                    f'{[tuple(r.shape) for r in refs]}')
+            for ref, out in zip(refs, outs):
+                diff = max(diff, (out.to(x.device).float() - ref.float()).abs().max().item())
+                scale = max(scale, ref.float().abs().max().item())
     if not diff < atol:
         raise ExportCheckError(f'{what} differs from PyTorch by up to {diff:.3g}, more than the tolerance {atol:g}')
     if scale <= VANISHING_OUTPUT:
@@ -272,7 +297,7 @@ def _check(
 
 
 def _save_load_check(
-        model: nn.Module,
+        reference: nn.Module,
         exported: Any,
         save: Callable[[Any, Any], None],
         load: Callable[[Any], Any],
@@ -283,7 +308,7 @@ def _save_load_check(
         report: Dict[str, Any],
         run: Callable[[Any], Callable[[torch.Tensor], torch.Tensor]] = lambda loaded: loaded,
 ) -> Tuple[Any, Dict[str, Any]]:
-    """Save an export (to `path`, else to memory), load it back and check the loaded one against the model.
+    """Save an export (to `path`, else to memory), load it back and check the loaded one against the reference.
 
     Returns the loaded export and the report with its path and, when checked, the comparison (`_check`) at
     batch 1 and, for a dynamic batch, 3.
@@ -297,7 +322,7 @@ def _save_load_check(
         report['path'] = os.fspath(path)
     if check:
         batch_sizes = _check_batch_sizes(1, report['dynamic_batch'])
-        report.update(_check(model, run(loaded), batch_sizes, report['img_size'], atol, what))
+        report.update(_check(reference, run(loaded), batch_sizes, report['img_size'], atol, what))
     return loaded, report
 
 
@@ -330,7 +355,8 @@ def export_onnx(
 
     The image size is fixed because the attention bias tables are sized for the model's token grids (see the
     module doc). The graph is exported from a float32 copy on the CPU; the check runs it in ONNX Runtime (CPU)
-    on random images of `batch_size` and, for a dynamic batch, `batch_size + 2`, against PyTorch.
+    on random images of `batch_size` and, for a dynamic batch, `batch_size + 2`, against PyTorch. Its input is
+    'input', its output 'output', or 'output0', 'output1', ... for the maps of a `features_only` backbone.
 
     Args:
         model_or_name: A model (left as it is) or a timm model name to create.
@@ -357,18 +383,21 @@ def export_onnx(
             f'opset must be {lowest} or newer for this exporter, and at most {highest} (the newest torch '
             f'{torch.__version__.split("+")[0]} writes), got {opset}')
     onnx, onnxruntime = require_onnx(dynamo) if check or dynamo else (None, None)
-    model, params_before, img_size = _prepare(
+    model, reference, params_before, img_size = _prepare(
         model_or_name, img_size, reparameterize, checkpoint, device=torch.device('cpu'), dtype=torch.float32)
     graph_model = convnext_mlps_as_convolutions(copy.deepcopy(model))
     x = _example_input(model, _trace_batch_size(batch_size, dynamic_batch), img_size)
     path = os.fspath(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    export_args = dict(input_names=['input'], output_names=['output'], opset_version=opset, dynamo=dynamo)
+    with torch.no_grad():
+        num_outputs = len(_outputs(model(x)))  # a features_only backbone gives one map per feature level
+    output_names = ['output'] if num_outputs == 1 else [f'output{i}' for i in range(num_outputs)]
+    export_args = dict(input_names=['input'], output_names=output_names, opset_version=opset, dynamo=dynamo)
     if dynamo:
         dynamic_shapes = ({0: torch.export.Dim('batch')},) if dynamic_batch else None
         torch.onnx.export(graph_model, (x,), path, dynamic_shapes=dynamic_shapes, verbose=False, **export_args)
     else:
-        dynamic_axes = {'input': {0: 'batch'}, 'output': {0: 'batch'}} if dynamic_batch else None
+        dynamic_axes = {name: {0: 'batch'} for name in ['input', *output_names]} if dynamic_batch else None
         with warnings.catch_warnings():
             # the input check compares shapes that the fixed image size makes constants, as intended
             warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
@@ -384,7 +413,7 @@ def export_onnx(
         session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
         input_name = session.get_inputs()[0].name
         report.update(_check(
-            model, lambda t: session.run(None, {input_name: t.numpy()})[0],
+            reference, lambda t: session.run(None, {input_name: t.numpy()}),
             _check_batch_sizes(batch_size, dynamic_batch), img_size, atol, f'The ONNX graph {path}'))
     return report
 
@@ -414,11 +443,11 @@ def export_program(
         The loaded program ('program'), img_size, dynamic_batch, reparameterized, params_before, params and,
         when checked, max_abs_diff, max_abs_output, max_rel_diff and the batch_sizes compared.
     """
-    model, params_before, img_size = _prepare(model_or_name, img_size, reparameterize, checkpoint)
+    model, reference, params_before, img_size = _prepare(model_or_name, img_size, reparameterize, checkpoint)
     x = _example_input(model, _trace_batch_size(1, dynamic_batch), img_size)
     dynamic_shapes = ({0: torch.export.Dim('batch')},) if dynamic_batch else None
     program, report = _save_load_check(
-        model, torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes), torch.export.save,
+        reference, torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes), torch.export.save,
         torch.export.load, path, check, atol, 'The exported program',
         _report(model, img_size, params_before, reparameterize, dynamic_batch), run=lambda p: p.module())
     return {'program': program, **report}
@@ -446,10 +475,10 @@ def export_torchscript(
         The loaded module ('module'), img_size, reparameterized, params_before, params and, when checked,
         max_abs_diff, max_abs_output, max_rel_diff and the batch_sizes compared.
     """
-    model, params_before, img_size = _prepare(model_or_name, img_size, reparameterize, checkpoint)
+    model, reference, params_before, img_size = _prepare(model_or_name, img_size, reparameterize, checkpoint)
     device = next(model.parameters()).device
     module, report = _save_load_check(
-        model, torch.jit.script(model), torch.jit.save, lambda f: torch.jit.load(f, map_location=device),
+        reference, torch.jit.script(model), torch.jit.save, lambda f: torch.jit.load(f, map_location=device),
         path, check, atol, 'The TorchScript module',
         _report(model, img_size, params_before, reparameterize, dynamic_batch=True))
     return {'module': module, **report}

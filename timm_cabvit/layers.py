@@ -5,9 +5,10 @@ token grid (resampling their learned tables, for `dynamic_img_size`), the conv +
 `timm.utils.reparameterize_model` folds, and the checks that give a wrong input a clear error. Like `timm.layers`,
 they know nothing of cross-block attention.
 """
+import functools
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -80,6 +81,36 @@ def _check_dtype_and_size(x: torch.Tensor, dtype: torch.dtype, min_size: int) ->
             f'got {height}x{width}.')
 
 
+def _check_traced_input(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if x.shape[2] != height or x.shape[3] != width:
+        raise ValueError(
+            f'This torch.jit.trace of a CabViT model takes {height}x{width} images only, got {x.shape[2]}x'
+            f'{x.shape[3]}: a trace holds the token grids of the size it was traced at. For {x.shape[2]}x'
+            f'{x.shape[3]} images, trace the model at that size (after set_input_size(({x.shape[2]}, {x.shape[3]})) '
+            f'unless it has dynamic_img_size=True).')
+    return x
+
+
+@functools.cache
+def _scripted_input_check() -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+    """`_check_traced_input` compiled by TorchScript, on first use: `torch.jit.trace` records a call to it."""
+    return torch.jit.script(_check_traced_input)
+
+
+@torch.jit.unused
+def _check_traced_size(x: torch.Tensor, img_size: Tuple[int, int], dynamic_img_size: bool) -> torch.Tensor:
+    """The input size checked in the graph `torch.jit.trace` records, which keeps no Python comparison of sizes:
+    without it, a trace of a non-square model fed the transposed input runs and returns wrong logits.
+
+    A trace holds the token grids of the size it was traced at, so a `dynamic_img_size` model's trace takes only
+    that size as well. Not in ONNX export, whose graph has the input size in it (ONNX Runtime checks it).
+    """
+    if torch.onnx.is_in_onnx_export():
+        return x
+    height, width = (int(x.shape[2]), int(x.shape[3])) if dynamic_img_size else img_size
+    return _scripted_input_check()(x, height, width)
+
+
 @register_notrace_function
 def check_input(
         x: torch.Tensor,
@@ -89,7 +120,11 @@ def check_input(
         min_size: int,
         dynamic_img_size: bool = False,
 ) -> torch.Tensor:
-    """Reject input the model and its bias tables were not built for, saying what was expected."""
+    """Reject input the model and its bias tables were not built for, saying what was expected.
+
+    TorchScript cannot resample the tables, so a scripted `dynamic_img_size` model takes its `img_size` only, as a
+    fixed-size one; in `torch.jit.trace` the size check is part of the trace (`_check_traced_size`).
+    """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f'CabViT expects a torch.Tensor of images (B, {in_chans}, H, W), got {type(x).__name__}')
     if x.ndim != 4 or x.shape[1] != in_chans:
@@ -104,6 +139,13 @@ def check_input(
             f'CabViT was built for {img_size[0]}x{img_size[1]} images (its bias tables are sized for that grid), '
             f'got {height}x{width}; create it with img_size=({height}, {width}) or dynamic_img_size=True, or call '
             f'set_input_size().')
+    if torch.jit.is_scripting() and (height != img_size[0] or width != img_size[1]):
+        raise ValueError(
+            f'A scripted CabViT model takes {img_size[0]}x{img_size[1]} images only, the size it was built for: '
+            f'TorchScript cannot resample its bias tables for another size as dynamic_img_size does, got '
+            f'{height}x{width}; call set_input_size(({height}, {width})) before torch.jit.script for that size.')
+    if not torch.jit.is_scripting() and torch.jit.is_tracing():
+        x = _check_traced_size(x, img_size, dynamic_img_size)
     return x
 
 

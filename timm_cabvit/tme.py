@@ -4,9 +4,12 @@ Two implementations compute the same function: the PyTorch one in `TokenMergeEnh
 runs everywhere and that TorchScript and FX tracing see, and the fused Triton kernels of `tme_triton` for CUDA
 tensors. As timm's `use_fused_attn` / `set_fused_attn`, one module-level setting chooses (`set_tme_impl`, read at
 forward time, from the environment variable TIMM_CABVIT_TME at import), and a model or module may override it.
+Every setting is checked when it is made: an unknown name, or 'triton' without Triton installed, is refused by the
+setters and, in TIMM_CABVIT_TME, ignored with a warning at import (see `_impl_from_environment`).
 """
 import importlib.util
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -29,30 +32,58 @@ TME_IMPLS = ('auto', 'triton', 'torch')
 # inference (h_l2 17.2 against 8.3 ms). Batches between 1 and 256 were not measured: they take the PyTorch path.
 FUSED_TME_MIN_BATCH = 256
 
-_TME_IMPL = os.environ.get('TIMM_CABVIT_TME', 'auto')
-
 
 def _check_tme_impl(impl: str) -> str:
+    """`impl` if it names an implementation that can run here, else a ValueError or ImportError saying why not."""
     if impl not in TME_IMPLS:
-        raise ValueError(
-            f"TME implementation (TIMM_CABVIT_TME, set_tme_impl) must be 'auto', 'triton' or 'torch', got '{impl}'")
+        raise ValueError(f"TME implementation must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if impl == 'triton' and not HAS_TRITON:
+        raise ImportError(
+            "TME implementation 'triton' needs Triton, which is not installed: pip install triton (CUDA builds of "
+            "torch on Linux bring it), or use 'auto' or 'torch'", name='triton')
     return impl
+
+
+def _impl_from_environment() -> str:
+    """TIMM_CABVIT_TME, or 'auto' with a warning that names the variable where it names no implementation that can
+    run here.
+
+    A warning, not an error: timm's scripts import this package through the `timm.models` entry-point hook on
+    `import timm`, which would turn an error into unregistered models, over a setting of speed only (both
+    implementations compute the same function).
+    """
+    impl = os.environ.get('TIMM_CABVIT_TME') or 'auto'
+    try:
+        return _check_tme_impl(impl)
+    except (ValueError, ImportError) as e:
+        warnings.warn(
+            f"TIMM_CABVIT_TME={impl!r} is ignored, the TME implementation is 'auto': {e}", RuntimeWarning, stacklevel=2)
+        return 'auto'
+
+
+_TME_IMPL = _impl_from_environment()
 
 
 def get_tme_impl() -> str:
     """The TME implementation of modules that were not given their own: TIMM_CABVIT_TME, or `set_tme_impl`'s."""
-    return _check_tme_impl(_TME_IMPL)
+    return _TME_IMPL
 
 
-def set_tme_impl(impl: str, model: Optional[nn.Module] = None) -> None:
+def set_tme_impl(impl: Optional[str], model: Optional[nn.Module] = None) -> None:
     """Select the TME implementation: 'auto' (the measured rule of `TokenMergeEnhance._use_triton`), 'triton'
     (fused kernel) or 'torch'.
 
     As timm's `set_fused_attn`, one setting for every model, read at forward time; with `model`, only for the
-    TME modules of that model, overriding the setting.
+    TME modules of that model, overriding the setting, which None gives back to them. An unknown name is a
+    ValueError and 'triton' without Triton installed an ImportError, here rather than at a forward pass.
     """
     global _TME_IMPL
-    _check_tme_impl(impl)
+    if impl is None and model is None:
+        raise ValueError(
+            "None gives a model's TME modules back to the module-level setting: pass the model, or set the "
+            "module-level setting to 'auto', 'triton' or 'torch'")
+    if impl is not None:
+        _check_tme_impl(impl)
     if model is None:
         _TME_IMPL = impl
         return
@@ -119,7 +150,7 @@ class TokenMergeEnhance(nn.Module):
         The kernel computes conv and BatchNorm itself, so a TME without its enhance branch, or with the BatchNorm
         already folded (`timm.utils.reparameterize_model`), runs the PyTorch path.
         """
-        impl = _check_tme_impl(self.tme_impl) if self.tme_impl is not None else get_tme_impl()
+        impl = self.tme_impl or _TME_IMPL  # both checked when they were set
         if impl == 'torch' or isinstance(x, torch.fx.Proxy) or not isinstance(self.enhance, FoldableConvNormAct):
             return False
         if impl == 'triton':
