@@ -26,7 +26,7 @@ from huggingface_hub import constants
 
 from timm_cabvit import hub
 from timm_cabvit.cabvit import checkpoint_filter_fn
-from timm_cabvit.checkpoint import resize_token_grid
+from timm_cabvit.layers import resize_token_grid
 
 REFERENCE_DIR = Path(__file__).resolve().parent / 'data' / 'reference'  # the authors' checkpoint layouts
 REPO_ID = 'local-org/cabvit_h_l1.test'

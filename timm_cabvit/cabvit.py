@@ -48,7 +48,6 @@ from .checkpoint import (
     checkpoint_metadata,
     fit_tables,
     load_state_dict_pre_hook,
-    resize_token_grid,
     unwrap_checkpoint,
 )
 from .layers import (
@@ -59,6 +58,7 @@ from .layers import (
     check_img_size,
     check_input,
     relative_position_bias,
+    resize_token_grid,
     resized_parameter,
 )
 from .tme import TokenMergeEnhance, set_tme_impl

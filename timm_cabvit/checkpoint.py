@@ -9,10 +9,13 @@ of a given model, or to say precisely why it cannot be one:
   reference layout (`unwrap_checkpoint`, `convert_reference`);
 - resampling the position biases, depth biases and digest scales saved for another token grid (`resample_tables`),
   by grid shape: the grids come from the input size the checkpoint was trained at (`saved_img_size`);
-- the fit check (`check_fits`): all keys and shapes, finite floating point values, never a partial load.
+- the fit check (`check_fits`): all keys and shapes, finite floating point values, never a partial load;
+- the one rule of every load (`fit_tables`), which `checkpoint_filter_fn` and the models' `load_state_dict`
+  pre-hook (`load_state_dict_pre_hook`) both follow.
 
 A model takes part through two attributes: `pretrained_cfg` (timm's) and `table_grids(img_size)`, the grid each
-of its tables is laid out on, keyed by state-dict name. This module imports no model code.
+of its tables is laid out on, keyed by state-dict name. This module imports no model code; the geometry of
+resampling is in `layers.py`.
 """
 import argparse
 import json
@@ -29,13 +32,13 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .layers import resize_rel_pos_table, resize_token_grid
 
 __all__ = [
     'CheckpointError', 'CheckpointMismatchError', 'check_checkpoint_file', 'check_fits', 'checkpoint_metadata',
     'convert_reference', 'fit_tables', 'is_reference_layout', 'load_checkpoint_file', 'load_state_dict_pre_hook',
-    'parse_img_size', 'resample_tables', 'resize_rel_pos_table', 'resize_token_grid', 'saved_img_size',
-    'unwrap_checkpoint',
+    'parse_img_size', 'resample_tables', 'saved_img_size', 'unwrap_checkpoint',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -52,34 +55,6 @@ class CheckpointError(RuntimeError):
 class CheckpointMismatchError(CheckpointError, ValueError):
     """A state dict that does not fit the model: a RuntimeError as `load_state_dict`'s own, a ValueError as a wrong
     argument."""
-
-
-def resize_token_grid(table: torch.Tensor, old_size: Grid, new_size: Grid) -> torch.Tensor:
-    """Resample a table whose last dim is a row-major token grid, e.g. a (heads, H * W) bias.
-
-    LeViT-style position biases, digest scales and depth biases are all laid out this way, so one bicubic
-    resampling (as timm's `resize_rel_pos_bias_table_levit`, but for non-square grids too) serves them all.
-    """
-    old_size, new_size = tuple(old_size), tuple(new_size)
-    if old_size == new_size:
-        return table
-    lead = table.shape[:-1]
-    grid = table.float().reshape(-1, 1, *old_size)
-    grid = F.interpolate(grid, size=new_size, mode='bicubic', align_corners=False)
-    return grid.reshape(*lead, new_size[0] * new_size[1]).to(table.dtype)
-
-
-def resize_rel_pos_table(table: torch.Tensor, old_window: Grid, new_window: Grid) -> torch.Tensor:
-    """Resample a BEiT-style relative position table, (offsets + class-token entries, heads), to another window.
-
-    The (2H - 1) (2W - 1) offsets are a row-major grid of (dy, dx), resampled as `resize_token_grid` does (for
-    non-square windows too); the class-token entries after them stay as they are.
-    """
-    old_span = (2 * old_window[0] - 1, 2 * old_window[1] - 1)
-    new_span = (2 * new_window[0] - 1, 2 * new_window[1] - 1)
-    num_offsets = old_span[0] * old_span[1]
-    offsets = resize_token_grid(table[:num_offsets].transpose(0, 1), old_span, new_span).transpose(0, 1)
-    return torch.cat([offsets, table[num_offsets:]])
 
 
 # Files

@@ -1,7 +1,8 @@
 """ Layers of the CabViT models that are not CabViT's own: grid position biases, a foldable conv-BN, input checks
 
 LeViT-style (`GridPosBias`) and BEiT-style (`ClassTokenRelPosBias`) position biases that can be evaluated for any
-token grid (resampling their learned tables, for `dynamic_img_size`), the conv + BatchNorm that
+token grid (resampling their learned tables, for `dynamic_img_size` and checkpoints of other sizes: the geometry
+of `resize_token_grid` and `resize_rel_pos_table`), the conv + BatchNorm that
 `timm.utils.reparameterize_model` folds, and the checks that give a wrong input a clear error. Like `timm.layers`,
 they know nothing of cross-block attention.
 """
@@ -12,15 +13,14 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import ConvNormAct, trunc_normal_
 from timm.layers._fx import register_notrace_function
 
-from .checkpoint import resize_rel_pos_table, resize_token_grid
-
 __all__ = [
     'ClassTokenRelPosBias', 'FoldableConvNormAct', 'GridPosBias', 'MAX_TOKENS', 'batchnorm_momentum',
-    'channels_last_parameter', 'check_img_size', 'check_input', 'relative_position_bias', 'resized_parameter',
-    'row_offset_index',
+    'channels_last_parameter', 'check_img_size', 'check_input', 'relative_position_bias', 'resize_rel_pos_table',
+    'resize_token_grid', 'resized_parameter', 'row_offset_index',
 ]
 
 Grid = Tuple[int, int]
@@ -28,6 +28,34 @@ Grid = Tuple[int, int]
 # Global attention over the tokens of a stage needs a (heads, N, N) bias: beyond this many tokens (a 2048x2048
 # image at stride 16) it no longer fits in memory, so larger sizes are refused up front.
 MAX_TOKENS = 128 * 128
+
+
+def resize_token_grid(table: torch.Tensor, old_size: Grid, new_size: Grid) -> torch.Tensor:
+    """Resample a table whose last dim is a row-major token grid, e.g. a (heads, H * W) bias.
+
+    LeViT-style position biases, digest scales and depth biases are all laid out this way, so one bicubic
+    resampling (as timm's `resize_rel_pos_bias_table_levit`, but for non-square grids too) serves them all.
+    """
+    old_size, new_size = tuple(old_size), tuple(new_size)
+    if old_size == new_size:
+        return table
+    lead = table.shape[:-1]
+    grid = table.float().reshape(-1, 1, *old_size)
+    grid = F.interpolate(grid, size=new_size, mode='bicubic', align_corners=False)
+    return grid.reshape(*lead, new_size[0] * new_size[1]).to(table.dtype)
+
+
+def resize_rel_pos_table(table: torch.Tensor, old_window: Grid, new_window: Grid) -> torch.Tensor:
+    """Resample a BEiT-style relative position table, (offsets + class-token entries, heads), to another window.
+
+    The (2H - 1) (2W - 1) offsets are a row-major grid of (dy, dx), resampled as `resize_token_grid` does (for
+    non-square windows too); the class-token entries after them stay as they are.
+    """
+    old_span = (2 * old_window[0] - 1, 2 * old_window[1] - 1)
+    new_span = (2 * new_window[0] - 1, 2 * new_window[1] - 1)
+    num_offsets = old_span[0] * old_span[1]
+    offsets = resize_token_grid(table[:num_offsets].transpose(0, 1), old_span, new_span).transpose(0, 1)
+    return torch.cat([offsets, table[num_offsets:]])
 
 
 @torch.no_grad()
