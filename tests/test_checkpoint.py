@@ -1,7 +1,10 @@
 """Checkpoints never load silently wrong: tables resampled by grid shape, one rule on every path, clear refusals."""
 import argparse
 import copy
+import os
 import re
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import safetensors.torch
@@ -10,7 +13,7 @@ import torch
 
 from timm_cabvit import hub
 from timm_cabvit.cabvit import checkpoint_filter_fn
-from timm_cabvit.checkpoint import CheckpointError, check_checkpoint_file, checkpoint_metadata
+from timm_cabvit.weights import CheckpointError, check_checkpoint_file, checkpoint_metadata
 
 SIZE = (96, 64)  # non-square: stage-3 grid 6x4, stage-4 grid 3x2
 SWAPPED = (64, 96)  # as many tokens, other grids
@@ -275,3 +278,52 @@ def test_export_refuses_a_size_the_checkpoint_contradicts(tmp_path):
     torch.save(trained.state_dict(), tmp_path / 'bare.pth')
     with pytest.raises(CheckpointError, match=r'not trained at the given input size 96x80 \(they fit 64x64\)'):
         hub.export_checkpoint(tmp_path / 'bare.pth', 'cabvit_h_l1', tmp_path / 'out', img_size=(96, 80))
+
+
+class _OpenCounter:
+    """Counts how often a file is opened, by every way the package, timm, torch and safetensors open files."""
+
+    def __init__(self, path):
+        self.path, self.count = Path(path).resolve(), 0
+
+    def _wrap(self, function):
+        def counted(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and Path(file).resolve() == self.path:
+                self.count += 1
+            return function(file, *args, **kwargs)
+        return counted
+
+    def __enter__(self):
+        import builtins
+        import io
+        self.patches = [mock.patch.object(builtins, 'open', self._wrap(builtins.open)),
+                        mock.patch.object(io, 'open', self._wrap(io.open)),
+                        mock.patch.object(torch, 'load', self._wrap(torch.load)),
+                        mock.patch.object(safetensors, 'safe_open', self._wrap(safetensors.safe_open)),
+                        mock.patch.object(safetensors.torch, 'load_file', self._wrap(safetensors.torch.load_file))]
+        for patch in self.patches:
+            patch.start()
+        return self
+
+    def __exit__(self, *exc):
+        for patch in self.patches:
+            patch.stop()
+
+
+def test_a_checkpoint_file_is_opened_once_per_load(tmp_path):
+    """hub.create_model and export read a file once: checked, loaded and its metadata taken from the same bytes,
+    and the filter does not read it again."""
+    trained = timm.create_model('cabvit_p_l0', img_size=32, num_classes=3)
+    _train_checkpoint(trained, tmp_path / 'last.pth.tar', model='cabvit_p_l0', model_kwargs={'img_size': 32})
+    with _OpenCounter(tmp_path / 'last.pth.tar') as opened:
+        hub.create_model('cabvit_p_l0', checkpoint=tmp_path / 'last.pth.tar')
+    assert opened.count == 1
+    with _OpenCounter(tmp_path / 'last.pth.tar') as opened:
+        out = hub.export_checkpoint(tmp_path / 'last.pth.tar', 'cabvit_p_l0', tmp_path / 'export')
+    assert opened.count == 1
+    with _OpenCounter(out / 'model.safetensors') as opened:
+        hub.create_model('cabvit_p_l0', checkpoint=out / 'model.safetensors')
+    assert opened.count == 1
+    with _OpenCounter(tmp_path / 'last.pth.tar') as opened:  # the counter sees what a second read would do
+        checkpoint_metadata(tmp_path / 'last.pth.tar')
+    assert opened.count >= 1

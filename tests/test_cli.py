@@ -506,7 +506,7 @@ def test_readme_starts_with_the_cpu_torch():
                       r'--index-url https://download\.pytorch\.org/whl/cpu$', commands[0])
     assert match and int(match.group(2)) == int(match.group(1)) + timm_cabvit_cli.TORCHVISION_MINOR_OFFSET
     assert '# python3.11 -m venv .venv && . .venv/bin/activate && pip install torch==' in first  # the GPU line
-    assert run.strip() == 'pip install . && timm-cabvit'
+    assert run.strip() == 'pip install ".[tools]" && timm-cabvit'
     ci = (ROOT / '.ci' / 'run').read_text(encoding='utf-8')
     assert tests.strip().replace('pip install ', 'pip install -q ') in ci
 

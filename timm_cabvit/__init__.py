@@ -45,9 +45,29 @@ from .cabvit import (  # noqa: E402  (after the version check: nothing registers
 )
 
 __all__ = [
-    'CabViT', 'CabViTBlock', 'CabViTPlain', 'TIMM_MINIMUM', '__version__',
-    'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0', 'import_tme_triton',
+    'CabViT', 'CabViTBlock', 'CabViTPlain', 'MissingExtraError', 'TIMM_MINIMUM', '__version__',
+    'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0', 'import_extra', 'import_tme_triton',
 ]
+
+
+class MissingExtraError(ImportError):
+    """A tool's dependency that the package's core does not install; the message names the extra that does."""
+
+
+def import_extra(module: str, extra: str, purpose: str):
+    """`module`, imported, or a MissingExtraError saying that `purpose` needs it and which extra installs it.
+
+    The models need torch and timm only; the tools' heavier dependencies (fvcore for FLOP counts, matplotlib for
+    figures, onnx for exports) come with extras, so that `timm.create_model` pulls in nothing more.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(
+            f'{purpose} needs {module.split(".")[0]}, which is not installed: pip install "timm-cabvit[{extra}]"',
+            name=module) from e
 
 
 def import_tme_triton():

@@ -13,6 +13,7 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+from . import import_extra
 from .cabvit import CabViT, CabViTBlock, CabViTStage
 from .hub import create_model
 
@@ -116,7 +117,7 @@ def save_attention_figure(
     goes to the digests. Head-stacked maps (heads, N, N + M) are shown averaged over heads. Drawn on a bare
     matplotlib Figure (Agg), leaving pyplot's backend and state alone.
     """
-    from matplotlib.figure import Figure
+    Figure = import_extra('matplotlib.figure', 'tools', 'Drawing attention maps').Figure
     from matplotlib.patches import Rectangle
 
     if not maps:

@@ -43,13 +43,6 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.convnext import ConvNeXtBlock
 
-from .checkpoint import (
-    check_fits,
-    checkpoint_metadata,
-    fit_tables,
-    load_state_dict_pre_hook,
-    unwrap_checkpoint,
-)
 from .layers import (
     ClassTokenRelPosBias,
     FoldableConvNormAct,
@@ -62,6 +55,13 @@ from .layers import (
     resized_parameter,
 )
 from .tme import TokenMergeEnhance, set_tme_impl
+from .weights import (
+    check_fits,
+    checkpoint_metadata,
+    fit_tables,
+    load_state_dict_pre_hook,
+    unwrap_checkpoint,
+)
 
 __all__ = ['CabViT', 'CabViTPlain', 'CabViTBlock']
 
@@ -1123,11 +1123,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
     Accepts our own state dict, timm train.py checkpoints (EMA weights first, as timm's `load_state_dict`) with
     DDP / torch.compile prefixes, and the authors' reference layout. Tables saved at another input size are
-    resampled from the grids of the size the checkpoint records (`checkpoint.fit_tables`, the rule the models'
+    resampled from the grids of the size the checkpoint records (`weights.fit_tables`, the rule the models'
     `load_state_dict` follows too). The classifier and first conv are left to timm's `load_pretrained`, which drops
     or adapts them.
     """
-    metadata = checkpoint_metadata(state_dict) or checkpoint_metadata(model.pretrained_cfg.get('file'))
+    cfg = model.pretrained_cfg
+    # a file timm loaded itself is read again for its header or args; a loader that read it passes the state dict
+    # with the file's record in the cfg (input_size), as `hub.create_model` does
+    metadata = checkpoint_metadata(state_dict) or (
+        checkpoint_metadata(cfg.get('file')) if cfg.get('state_dict') is None else {})
     state_dict = fit_tables(unwrap_checkpoint(state_dict), model, metadata.get('img_size'), warn_unrecorded=True)
     return check_fits(state_dict, model)
 

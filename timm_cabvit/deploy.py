@@ -341,6 +341,7 @@ def _report(
 def export_onnx(
         model_or_name: ModelOrName,
         path: PathLike,
+        *,
         img_size: Optional[ImgSize] = None,
         batch_size: int = 1,
         opset: int = DEFAULT_OPSET,
@@ -419,7 +420,7 @@ def export_onnx(
 
 
 def export_program(
-        model_or_name: ModelOrName, img_size: Optional[ImgSize] = None, path: Optional[PathLike] = None,
+        model_or_name: ModelOrName, path: Optional[PathLike] = None, *, img_size: Optional[ImgSize] = None,
         dynamic_batch: bool = True, reparameterize: bool = True, check: bool = True,
         checkpoint: Optional[PathLike] = None, atol: float = ATOL,
 ) -> Dict[str, Any]:
@@ -431,8 +432,8 @@ def export_program(
 
     Args:
         model_or_name: A model (left as it is) or a timm model name to create.
-        img_size: Input size; None for the model's own (224 for a name).
         path: The .pt2 file to write; None for none.
+        img_size: Input size; None for the model's own (224 for a name).
         dynamic_batch: Make the batch dimension dynamic.
         reparameterize: Fold BatchNorms into convolutions first.
         check: Compare the outputs of the saved and loaded program with PyTorch's.
@@ -454,7 +455,7 @@ def export_program(
 
 
 def export_torchscript(
-        model_or_name: ModelOrName, img_size: Optional[ImgSize] = None, path: Optional[PathLike] = None,
+        model_or_name: ModelOrName, path: Optional[PathLike] = None, *, img_size: Optional[ImgSize] = None,
         reparameterize: bool = True, check: bool = True, checkpoint: Optional[PathLike] = None, atol: float = ATOL,
 ) -> Dict[str, Any]:
     """Script a model with `torch.jit.script`, save it (to `path`, else to memory), load it back and check it.
@@ -464,8 +465,8 @@ def export_torchscript(
 
     Args:
         model_or_name: A model (left as it is) or a timm model name to create.
-        img_size: Input size; None for the model's own (224 for a name).
         path: The .pt file to write; None for none.
+        img_size: Input size; None for the model's own (224 for a name).
         reparameterize: Fold BatchNorms into convolutions first.
         check: Compare the outputs of the saved and loaded module with PyTorch's.
         checkpoint: Weights to load into a model created from its name.

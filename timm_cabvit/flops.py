@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from timm.models.convnext import ConvNeXtBlock
 
+from . import import_extra
 from .cabvit import CabViTBlock
 
 
@@ -35,7 +36,7 @@ def flop_analysis(
     """fvcore analysis of one image through `model` in eval mode, fused attention included."""
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', category=FutureWarning)  # fvcore scripts a loss with torch.jit on import
-        from fvcore.nn import FlopCountAnalysis
+        FlopCountAnalysis = import_extra('fvcore.nn', 'tools', 'Counting FLOPs').FlopCountAnalysis
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     was_training = model.training
     model.eval()

@@ -31,13 +31,13 @@ from huggingface_hub.errors import (
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 from timm.models._hub import generate_readme
 
-from .checkpoint import (
+from .weights import (
     CheckpointError,
     check_checkpoint_file,
     checkpoint_metadata,
     convert_reference,
     is_reference_layout,
-    load_checkpoint_file,
+    read_checkpoint,
     saved_img_size,
     unwrap_checkpoint,
 )
@@ -135,17 +135,17 @@ def _explain_hub_error(error: Exception, arch: str, repo: str) -> Optional[Check
 def _saved_input(
         checkpoint: Dict[str, Any],
         model_name: str,
-        file: Optional[PathLike] = None,
+        metadata: Dict[str, Any],
         img_size: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """The checkpoint's weights in our layout, and the num_classes, in_chans, img_size and global_pool they were
     trained with.
 
-    Read from the classifier, the first conv, and what the checkpoint records (`checkpoint.checkpoint_metadata`)
-    or its tables tell (`checkpoint.saved_img_size`); img_size is left out where neither says. `img_size`, the
+    Read from the classifier, the first conv, and what the checkpoint records (`metadata`, from `read_checkpoint`
+    or `checkpoint_metadata`)
+    or its tables tell (`weights.saved_img_size`); img_size is left out where neither says. `img_size`, the
     size the user says it was trained at, must agree with what the checkpoint records and its tables fit.
     """
-    metadata = checkpoint_metadata(checkpoint) or checkpoint_metadata(file, contents=checkpoint)
     state_dict = unwrap_checkpoint(checkpoint)
     if is_reference_layout(state_dict):
         state_dict = convert_reference(state_dict)
@@ -204,8 +204,9 @@ def create_model(
     """
     if checkpoint is not None:
         arch, _ = _resolve_name(model_name)
-        path = check_checkpoint_file(checkpoint)
-        state_dict, saved = _saved_input(load_checkpoint_file(path), arch, file=path)
+        path = Path(checkpoint)
+        contents, metadata = read_checkpoint(path)
+        state_dict, saved = _saved_input(contents, arch, metadata)
         overlay = _input_overlay(model_name, state_dict, saved)
         kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=str(path), **overlay)
         for key, value in saved.items():
@@ -213,7 +214,7 @@ def create_model(
         pretrained = True
     arch, repo = _weights_repo(model_name, kwargs.get('pretrained_cfg_overlay'))
     try:
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except (HfHubHTTPError, EntryNotFoundError, OSError, RuntimeError, safetensors.SafetensorError) as e:
         if repo is None:
             raise
@@ -221,6 +222,9 @@ def create_model(
         if explained is None:
             raise
         raise explained from e
+    if isinstance(getattr(model, 'pretrained_cfg', None), dict):
+        model.pretrained_cfg.pop('state_dict', None)  # the loaded weights, which the cfg would keep a second copy of
+    return model
 
 
 def parse_metrics(items: Iterable[str]) -> Dict[str, Union[float, str]]:
@@ -278,9 +282,8 @@ def export_checkpoint(
     is_file = isinstance(checkpoint, (str, os.PathLike))
     if img_size is not None:
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    state_dict, saved = _saved_input(
-        load_checkpoint_file(checkpoint) if is_file else checkpoint, arch, file=checkpoint if is_file else None,
-        img_size=img_size)
+    contents, metadata = read_checkpoint(checkpoint) if is_file else (checkpoint, checkpoint_metadata(checkpoint))
+    state_dict, saved = _saved_input(contents, arch, metadata, img_size=img_size)
     if 'img_size' not in saved:
         raise CheckpointError(
             'Cannot tell the input size the checkpoint was trained at: it records none and its bias tables fit no '

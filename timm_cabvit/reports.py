@@ -20,6 +20,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Typed
 import timm
 import torch
 
+from . import import_extra
 from .flops import COMPONENTS, count_flops, flops_by_component
 
 __all__ = [
@@ -270,7 +271,7 @@ def save_flops_plot(reports: List[Dict[str, Any]], path: str) -> None:
 
     Drawn on a bare matplotlib Figure (Agg), leaving pyplot's backend and state alone; the folder is created.
     """
-    from matplotlib.figure import Figure
+    Figure = import_extra('matplotlib.figure', 'tools', 'Plotting the FLOPs').Figure
 
     labels, bars = [], []
     for report in reports:

@@ -337,6 +337,7 @@ def run_table(args: argparse.Namespace) -> None:
     """The models at a glance: parameters, FLOPs, the paper's figures and measured speed."""
     names = _models(args.models, args.img_size)
     device = _timing_device(args.device)
+    _require_extra('fvcore', "Counting the table's FLOPs")
     import torch
 
     from timm_cabvit.reports import Timing, models_table
@@ -357,6 +358,9 @@ def run_flops(args: argparse.Namespace) -> None:
     """
     names = _models(args.models, args.img_size)
     plot = _output_file(args.plot, '--plot', 'flops.png') if args.plot else None
+    _require_extra('fvcore', 'Counting FLOPs')
+    if plot:
+        _require_extra('matplotlib.figure', 'Plotting the FLOPs (--plot)')
     import json
 
     from timm_cabvit.reports import flops_report, flops_table, save_flops_plot
@@ -377,6 +381,7 @@ def run_ablation(args: argparse.Namespace) -> None:
     cross_block and digest_scale), beside the increments of the paper's Table 4 and its "about 13 % extra compute".
     """
     (name,) = _models([args.model], args.img_size)
+    _require_extra('fvcore', 'Counting FLOPs')
     import json
 
     from timm_cabvit.reports import ABLATION_STEPS, ablation_ladder, ablation_table
@@ -396,6 +401,7 @@ def run_attention(args: argparse.Namespace) -> None:
         _check_blocks(name, args.blocks, args.img_size)
     if not Path(args.image).is_file():
         raise CommandError(f"image '{args.image}' is not a file")
+    _require_extra('matplotlib.figure', 'Drawing attention maps')
     if args.checkpoint is None:
         print(f'{PROG} attention: note: no --checkpoint, so the weights are random and the maps are near uniform; '
               f'give trained weights (--checkpoint FILE) for maps that mean something', file=sys.stderr)
@@ -403,6 +409,16 @@ def run_attention(args: argparse.Namespace) -> None:
 
     print(run_attention_command(args.image, name, checkpoint=args.checkpoint, blocks=args.blocks, out=out,
                                 img_size=args.img_size))
+
+
+def _require_extra(module: str, purpose: str) -> None:
+    """Fail before any work where a tool's dependency is missing, naming the extra that installs it."""
+    from timm_cabvit import MissingExtraError, import_extra
+
+    try:
+        import_extra(module, 'tools', purpose)
+    except MissingExtraError as e:
+        raise CommandError(str(e)) from None
 
 
 def _check_blocks(name: str, blocks: Sequence[str], img_size: Optional[Tuple[int, int]]) -> None:
@@ -641,7 +657,7 @@ def _user_errors() -> Tuple[type, ...]:
     files and connections (OSError), checkpoints and Hub repos (CheckpointError), exports that fail their check.
     The package's own classes count once their module is loaded: before that, none of them can have been raised."""
     errors = [ValueError, OSError]
-    for module, name in (('timm_cabvit.checkpoint', 'CheckpointError'), ('timm_cabvit.deploy', 'ExportCheckError')):
+    for module, name in (('timm_cabvit.weights', 'CheckpointError'), ('timm_cabvit.deploy', 'ExportCheckError')):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

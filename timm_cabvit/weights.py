@@ -18,6 +18,7 @@ of its tables is laid out on, keyed by state-dict name. This module imports no m
 resampling is in `layers.py`.
 """
 import argparse
+import io
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from .layers import resize_rel_pos_table, resize_token_grid
 __all__ = [
     'CheckpointError', 'CheckpointMismatchError', 'check_checkpoint_file', 'check_fits', 'checkpoint_metadata',
     'convert_reference', 'fit_tables', 'is_reference_layout', 'load_checkpoint_file', 'load_state_dict_pre_hook',
-    'parse_img_size', 'resample_tables', 'saved_img_size', 'unwrap_checkpoint',
+    'parse_img_size', 'read_checkpoint', 'resample_tables', 'saved_img_size', 'unwrap_checkpoint',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -59,96 +60,101 @@ class CheckpointMismatchError(CheckpointError, ValueError):
 
 # Files
 
-def _check_safetensors(path: Path, size: int) -> Optional[str]:
-    """What is wrong with a safetensors file, from its header and length (no tensor is read), or None."""
-    with path.open('rb') as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f'{size} bytes, shorter than a safetensors header'
-        header_len = int.from_bytes(head, 'little')
-        if header_len > size - 8:
-            return f'its header claims {header_len} bytes but the file has {size}'
-        try:
-            header = json.loads(f.read(header_len))
-            end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            return 'its header is not valid safetensors metadata'
+def _safetensors_header(data: bytes) -> Dict[str, Any]:
+    """The JSON header of a safetensors file's bytes (KeyError, ValueError or TypeError where there is none)."""
+    return json.loads(data[8:8 + int.from_bytes(data[:8], 'little')])
+
+
+def _check_safetensors(data: bytes) -> Optional[str]:
+    """What is wrong with a safetensors file, from its header and length, or None."""
+    size = len(data)
+    if size < 8:
+        return f'{size} bytes, shorter than a safetensors header'
+    header_len = int.from_bytes(data[:8], 'little')
+    if header_len > size - 8:
+        return f'its header claims {header_len} bytes but the file has {size}'
+    try:
+        header = _safetensors_header(data)
+        end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return 'its header is not valid safetensors metadata'
     if 8 + header_len + end != size:
         return f'{size} bytes where its header promises {8 + header_len + end}'
     return None
 
 
-def _check_torch_file(path: Path) -> Optional[str]:
+def _check_torch_file(data: bytes) -> Optional[str]:
     """What is wrong with a torch.save file: a zip archive (torch >= 1.6) or a legacy pickle, or None."""
-    with path.open('rb') as f:
-        magic = f.read(4)
-    if magic[:2] == b'\x80\x02':  # legacy torch.save: pickle protocol 2, checked by torch.load
+    if data[:2] == b'\x80\x02':  # legacy torch.save: pickle protocol 2, checked by torch.load
         return None
-    if magic != b'PK\x03\x04':
+    if data[:4] != b'PK\x03\x04':
         return 'not a PyTorch or safetensors checkpoint'
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         return f'its zip archive is incomplete ({e})'
     return f'its member {bad} fails the CRC check' if bad else None
 
 
-def _is_safetensors(path: Path) -> bool:
-    """By name or by content: an 8-byte header length followed by a JSON object."""
+def _is_safetensors(path: Path, head: bytes, size: int) -> bool:
+    """By name or by content (`head`, the file's first bytes): an 8-byte header length followed by a JSON object."""
     if path.suffix == '.safetensors':
         return True
-    with path.open('rb') as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < path.stat().st_size
+    return len(head) >= 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < size
 
 
-def check_checkpoint_file(path: PathLike, what: str = '', remedy: str = '') -> Path:
-    """Fail with the file's name if it is missing, empty, truncated, corrupt or not a checkpoint at all.
-
-    Cheap (headers and checksums), so that a bad download or copy is reported as such instead of as an obscure
-    deserialization error deep inside timm, torch or safetensors.
-
-    Args:
-        path: Checkpoint file, .safetensors or a torch.save file (.pth, .pth.tar, .bin).
-        what: What the file is, for the message, e.g. "the cached download of Hub repo 'org/name'".
-        remedy: What to do about a corrupt file, instead of copying or exporting it again.
-    """
+def _read_checked(path: PathLike, what: str = '', remedy: str = '') -> Tuple[Path, bytes]:
+    """The file's bytes, read once, after checking it is a whole checkpoint; else a CheckpointError naming it."""
     path = Path(path)
     what = f"Checkpoint file '{path}'" + (f' ({what})' if what else '')
     if path.is_dir():
         raise CheckpointError(f'{what} is a directory; give the weights file in it (e.g. model.safetensors).')
     if not path.is_file():
         raise CheckpointError(f'{what} does not exist.')
-    size = path.stat().st_size
-    if size == 0:
+    data = path.read_bytes()
+    if not data:
         problem = 'it is empty'
-    elif _is_safetensors(path):
-        problem = _check_safetensors(path, size)
+    elif _is_safetensors(path, data, len(data)):
+        problem = _check_safetensors(data)
     else:
-        problem = _check_torch_file(path)
+        problem = _check_torch_file(data)
     if problem == 'not a PyTorch or safetensors checkpoint':
         raise CheckpointError(f'{what} is {problem}: give a .safetensors file or one written by torch.save.')
     if problem:
         remedy = remedy or 'Copy or download it again, or export it again from the training checkpoint.'
         raise CheckpointError(f'{what} is truncated or corrupt: {problem}. {remedy}')
-    return path
+    return path, data
 
 
-def _torch_load(path: Path, mmap: bool = False) -> Any:
+def check_checkpoint_file(path: PathLike, what: str = '', remedy: str = '') -> Path:
+    """Fail with the file's name if it is missing, empty, truncated, corrupt or not a checkpoint at all.
+
+    So that a bad download or copy is reported as such instead of as an obscure deserialization error deep inside
+    timm, torch or safetensors. `read_checkpoint` checks the same from the bytes it loads.
+
+    Args:
+        path: Checkpoint file, .safetensors or a torch.save file (.pth, .pth.tar, .bin).
+        what: What the file is, for the message, e.g. "the cached download of Hub repo 'org/name'".
+        remedy: What to do about a corrupt file, instead of copying or exporting it again.
+    """
+    return _read_checked(path, what, remedy)[0]
+
+
+def _torch_load(file: Union[Path, io.BytesIO], mmap: bool = False) -> Any:
     """torch.load without executing code; timm train.py checkpoints keep their argparse args."""
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        return torch.load(file, map_location='cpu', weights_only=True, mmap=mmap)
 
 
-def load_checkpoint_file(path: PathLike) -> Dict[str, Any]:
-    """The whole checkpoint in a file (a state dict, or a train.py checkpoint with its args), naming the file if it
-    cannot be read."""
-    path = check_checkpoint_file(path)
+def read_checkpoint(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The whole checkpoint in a file (a state dict, or a train.py checkpoint with its args) and what it records
+    of its model (`checkpoint_metadata`), from one read of the file: checked, loaded and its metadata taken from
+    the same bytes. Errors name the file."""
+    path, data = _read_checked(path)
+    is_safetensors = _is_safetensors(path, data, len(data))
     try:
-        if _is_safetensors(path):
-            return safetensors.torch.load_file(path)
-        return _torch_load(path)
+        contents = safetensors.torch.load(data) if is_safetensors else _torch_load(io.BytesIO(data))
     except pickle.UnpicklingError as e:
         found = re.findall(r'GLOBAL (\S+)', str(e)) or re.findall(r'Unsupported global: (\S+)', str(e))
         objects = f' ({", ".join(dict.fromkeys(found))})' if found else ''
@@ -162,6 +168,13 @@ def load_checkpoint_file(path: PathLike) -> Dict[str, Any]:
         raise CheckpointError(
             f"Checkpoint file '{path}' could not be read: it is truncated, corrupt or holds objects other than "
             f"tensors ({reason}).") from e
+    header = _safetensors_header(data).get('__metadata__') if is_safetensors else None
+    return contents, _file_metadata(path, contents, header or {})
+
+
+def load_checkpoint_file(path: PathLike) -> Dict[str, Any]:
+    """The whole checkpoint in a file, as `read_checkpoint` reads it."""
+    return read_checkpoint(path)[0]
 
 
 def parse_img_size(value: Any, where: str) -> Grid:
@@ -222,9 +235,20 @@ def _train_args_metadata(args: Dict[str, Any]) -> Dict[str, Any]:
     return meta
 
 
+def _file_metadata(path: Path, contents: Any, header: Dict[str, str]) -> Dict[str, Any]:
+    """What a checkpoint file records: its export's config.json, its safetensors header, or its train.py args."""
+    meta = {}
+    if path.name in EXPORT_WEIGHTS and (path.parent / 'config.json').is_file():
+        meta = _config_metadata(path.parent / 'config.json')
+    if 'img_size' in header:
+        meta['img_size'] = parse_img_size(header['img_size'], f"The img_size entry of '{path}'s header")
+    if meta or not isinstance(contents, dict):
+        return meta
+    return checkpoint_metadata(contents)
+
+
 def checkpoint_metadata(
         checkpoint: Union[PathLike, Dict[str, Any], None],
-        contents: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """What a checkpoint records of the model it was trained as: 'img_size' (H, W), 'global_pool', 'architecture'
     (and from an export 'in_chans', 'num_classes'), where it records them.
@@ -232,35 +256,28 @@ def checkpoint_metadata(
     Only the checkpoint's own record counts: a timm train.py checkpoint's args, the `img_size` entry of a
     safetensors header, or the config.json that `timm-cabvit export` (timm's `save_for_hf`) writes beside the
     weights it names model.safetensors / pytorch_model.bin; a config.json beside a file of another name belongs to
-    something else. Cheap: a file is memory-mapped and only its header or args are read; `contents`, the file
-    already loaded, spares reading it again.
+    something else. Of a file, only its header or args are read (memory-mapped), for a file that timm has loaded
+    itself; `read_checkpoint` returns the same from the one read of a file it loads.
     """
     if checkpoint is None:
         return {}
-    if not isinstance(checkpoint, dict):
-        path = Path(checkpoint)
-        if not path.is_file():
-            return {}
-        meta = {}
-        if path.name in EXPORT_WEIGHTS and (path.parent / 'config.json').is_file():
-            meta = _config_metadata(path.parent / 'config.json')
-        if _is_safetensors(path):
-            with safetensors.safe_open(path, 'pt') as f:
-                header = f.metadata() or {}
-            if 'img_size' in header:
-                meta['img_size'] = parse_img_size(header['img_size'], f"The img_size entry of '{path}'s header")
-            return meta
-        if meta:
-            return meta
-        try:
-            checkpoint = _torch_load(path, mmap=True) if contents is None else contents
-        except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError):
-            return {}
-        if not isinstance(checkpoint, dict):
-            return {}
-    args = checkpoint.get('args')
-    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    return _train_args_metadata(args)
+    if isinstance(checkpoint, dict):
+        args = checkpoint.get('args')
+        args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+        return _train_args_metadata(args)
+    path = Path(checkpoint)
+    if not path.is_file():
+        return {}
+    with path.open('rb') as f:
+        head = f.read(9)
+    if _is_safetensors(path, head, path.stat().st_size):
+        with safetensors.safe_open(path, 'pt') as f:
+            return _file_metadata(path, None, f.metadata() or {})
+    try:
+        contents = _torch_load(path, mmap=True)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError):
+        contents = None
+    return _file_metadata(path, contents, {})
 
 
 # Layouts
