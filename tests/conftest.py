@@ -2,11 +2,10 @@
 
 Under pytest-xdist each worker, and each subprocess a test starts, gets its share of the cores: OpenMP threads of
 two workers spinning on the same two cores make small forward passes up to 30x slower.
+
+Fixtures and hooks only: the helpers and constants the test modules share are in support.py.
 """
-import importlib.util
 import os
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -24,14 +23,20 @@ if 'PYTEST_XDIST_WORKER' in os.environ and 'OMP_NUM_THREADS' not in os.environ:
     torch.set_num_threads(_threads_per_worker())
     os.environ['OMP_NUM_THREADS'] = str(torch.get_num_threads())
 
-EXAMPLES = Path(__file__).resolve().parents[1] / 'examples'
-H_MODELS = ['cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3']
-ALL_MODELS = ['cabvit_p_l0', *H_MODELS]
-
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """A test that sets torch's thread count (the CLI's `--threads`) leaves it as it found it: logits computed
+    later in the same worker on other threads are not bit-identical to those of a subprocess on the worker's."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
@@ -43,10 +48,3 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-def load_example(name: str) -> ModuleType:
-    """examples/<name>.py as a module: the examples are scripts, not part of the package."""
-    spec = importlib.util.spec_from_file_location(f'cabvit_{name}_example', EXAMPLES / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -22,15 +22,16 @@ class FreshEnv:
         self.python = str(root / 'bin' / 'python')
         self.purelib = Path(self.run('import sysconfig; print(sysconfig.get_paths()["purelib"])').stdout.strip())
         (self.purelib / '_test_runner_site.pth').write_text('\n'.join(site.getsitepackages()) + '\n')
-        install = [self.python, '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation']
-        subprocess.run([*install, *(['-e'] if editable else []), str(REPO)], check=True, cwd=root)
+        self.run_argv(['-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
+                       *(['-e'] if editable else []), str(REPO)])
 
     def run(self, code: str, env: dict = None, check: bool = True, args=(), cwd=None) -> subprocess.CompletedProcess:
-        """`python *args -c code` in the environment's root (or `cwd`), without the caller's TIMM_CABVIT* variables."""
+        """`python *args -c code` in the environment's root (or `cwd`), without the caller's TIMM_CABVIT* variables
+        and PYTHONPATH (a checkout on it would shadow the package installed here; `env` may set one)."""
         return self.run_argv([*args, '-c', code], env=env, check=check, cwd=cwd)
 
     def run_argv(self, argv, env: dict = None, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith('TIMM_CABVIT')}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith('TIMM_CABVIT') and k != 'PYTHONPATH'}
         result = subprocess.run(
             [self.python, *argv], capture_output=True, text=True, env={**environ, **(env or {})},
             cwd=cwd or self.root)

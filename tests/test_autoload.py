@@ -4,7 +4,6 @@ Each test environment is a fresh virtual environment with this repository instal
 or editable; see fresh_env.py).
 """
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ def fresh_env(request, tmp_path_factory):
     return FreshEnv(tmp_path_factory.mktemp(request.param), editable=request.param == 'editable')
 
 
+@pytest.mark.integration
 def test_import_timm_registers_the_models(fresh_env, tmp_path):
     """`import timm` registers the models, also after `importlib.util.find_spec('timm')` (transformers asks so
     on import, long before it imports timm), and a Hub config naming a CabViT architecture resolves, as timm loads
@@ -46,6 +46,7 @@ def test_import_timm_registers_the_models(fresh_env, tmp_path):
         'cabvit_h_l1', 'cabvit_h_l2', 'cabvit_h_l3', 'cabvit_p_l0', 'timm_cabvit.cabvit', '0', 'CabViT', '3']
 
 
+@pytest.mark.integration
 def test_opt_out_and_start_up_footprint(fresh_env):
     modules = 'import sys, json; print(json.dumps(sorted(sys.modules)))'
     loaded = set(json.loads(fresh_env.run(modules).stdout))
@@ -56,6 +57,7 @@ def test_opt_out_and_start_up_footprint(fresh_env):
                          env={'TIMM_CABVIT_AUTOLOAD': '0'}).stdout.strip() == '[]'
 
 
+@pytest.mark.integration
 def test_two_training_steps_and_eval_with_timm_factories(tmp_path):
     """Training needs one install kind: the wheel's registration is the editable one's (tested above)."""
     from PIL import Image
@@ -104,6 +106,7 @@ print(json.dumps(dict(losses=losses, top1=top1)))
     assert len(result['top1']) == 1 and 0 <= result['top1'][0] <= 100
 
 
+@pytest.mark.integration
 def test_broken_install_never_breaks_start_up(tmp_path):
     env = FreshEnv(tmp_path / 'broken', editable=False)
     (env.purelib / 'timm_cabvit' / 'cabvit.py').write_text("raise ImportError('deliberately broken')\n")
@@ -115,10 +118,11 @@ def test_broken_install_never_breaks_start_up(tmp_path):
     assert imported.stdout.strip() == '[]'
 
 
+@pytest.mark.integration
 def test_uninstall_removes_the_start_up_hook(tmp_path):
     env = FreshEnv(tmp_path / 'uninstall', editable=False)
     assert (env.purelib / 'timm_cabvit_autoload.pth').exists()
-    subprocess.run([env.python, '-m', 'pip', 'uninstall', '--quiet', '--yes', 'timm-cabvit'], check=True)
+    env.run_argv(['-m', 'pip', 'uninstall', '--quiet', '--yes', 'timm-cabvit'])
     assert not (env.purelib / 'timm_cabvit_autoload.pth').exists()
     assert not (env.purelib / 'timm_cabvit_autoload.py').exists()
 

@@ -51,6 +51,7 @@ def test_table_reports_the_spread(capsys):
     assert 'measuring' in captured.err  # progress
 
 
+@pytest.mark.integration
 def test_table_on_a_shared_machine_measures_again_on_one_thread(capsys):
     """Another process busy on every core: the figures at all threads are not speeds; one thread is tried, and
     the note says so, and that those figures are not speeds either when that process leaves no core free."""
@@ -75,6 +76,7 @@ def test_bad_arguments_say_what_was_expected(capsys):
     assert "expected a size like 224 or 256x192, got '12x'" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_console_script_is_installed():
     exe = shutil.which('timm-cabvit')
     assert exe, 'timm-cabvit is not on PATH: install the package (pip install -e .)'
@@ -82,6 +84,7 @@ def test_console_script_is_installed():
     assert '--img-size' in result.stdout and '--device' in result.stdout
 
 
+@pytest.mark.integration
 def test_help_imports_neither_torch_nor_timm():
     """`--help` of every command from the standard library alone: it answers in a fraction of a second."""
     code = (
@@ -98,6 +101,7 @@ def test_help_imports_neither_torch_nor_timm():
     assert result.stdout.count('usage: timm-cabvit') == len(COMMANDS)
 
 
+@pytest.mark.integration
 def test_console_script_help_is_light():
     (entry,) = importlib.metadata.entry_points(group='console_scripts', name='timm-cabvit')
     assert entry.value == 'timm_cabvit_cli:main'
@@ -115,6 +119,7 @@ def test_help_texts(capsys):
     assert 'timm-cabvit[onnx]' in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_export_writes_a_folder_timm_loads(tmp_path, capsys):
     import timm
     model = timm.create_model('cabvit_h_l1', num_classes=5).eval()
@@ -153,6 +158,7 @@ def test_attention_command_writes_a_png(tmp_path, capsys):
     assert 'no --checkpoint, so the weights are random and the maps are near uniform' in captured.err
 
 
+@pytest.mark.integration
 def test_export_onnx_command(tmp_path, capsys):
     out = tmp_path / 'onnx' / 'model.onnx'
     assert main(['export-onnx', 'cabvit_h_l1', str(out), '--img-size', '64']) == 0
@@ -315,6 +321,7 @@ def test_cuda_without_cuda_is_a_usage_error(capsys):
 
 # First contact: --version, unknown names at once, a torchvision that does not match torch, memory run out
 
+@pytest.mark.integration
 def test_version_from_metadata_without_torch():
     result = subprocess.run([sys.executable, '-X', 'importtime', shutil.which('timm-cabvit'), '--version'],
                             capture_output=True, text=True, check=True)
@@ -339,6 +346,7 @@ UNKNOWN_NAMES = [
 ]
 
 
+@pytest.mark.integration
 def test_unknown_models_are_refused_at_once_with_close_matches():
     """Every command that takes a model name refuses a misspelled one in a fraction of a second, naming the close
     match, before torch or timm is imported (it took ~4 s here, ~13 s on a busy machine, to import them first)."""

@@ -3,7 +3,7 @@ finite outputs in reduced precision, for all four models at a small image size.
 
 The two larger models' exports and training steps, cabvit_p_l0's torch.export round trip and the torch.export-based
 ONNX exporter (4-30 s each on two shared cores, through the code paths cabvit_h_l1 and the fast tests take) are
-marked slow.
+marked slow; every test that exports (ONNX, torch.export, TorchScript) is marked integration.
 """
 import copy
 import functools
@@ -16,7 +16,7 @@ import onnxruntime
 import pytest
 import timm
 import torch
-from conftest import ALL_MODELS
+from support import ALL_MODELS
 from timm.layers import LayerScale
 from timm.models.convnext import ConvNeXtBlock
 from timm.utils import reparameterize_model
@@ -110,6 +110,7 @@ def test_reparameterized_equals_plain(model_name):
     assert folded and _num_params(fused) <= _num_params(model) - sum(bn.num_features for bn in folded)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('model_name', _params(ALL_MODELS))
 def test_onnx_runtime_parity_dynamic_batch(model_name, tmp_path):
     model = _model(model_name)
@@ -128,12 +129,14 @@ def test_onnx_runtime_parity_dynamic_batch(model_name, tmp_path):
         assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_onnx_dynamo_exporter(tmp_path):
     report = export_onnx(_model('cabvit_h_l1'), tmp_path / 'cabvit_h_l1.onnx', dynamo=True)
     assert report['exporter'] == 'dynamo' and report['max_abs_diff'] < 1e-4 and report['batch_sizes'] == (1, 3)
 
 
+@pytest.mark.integration
 def test_onnx_static_batch_unfused_and_argument_checks(tmp_path):
     report = export_onnx(
         'cabvit_h_l1', tmp_path / 'static.onnx', img_size=64, batch_size=2, dynamic_batch=False, reparameterize=False)
@@ -152,6 +155,7 @@ def test_onnx_static_batch_unfused_and_argument_checks(tmp_path):
         export_onnx(_model('cabvit_h_l1'), tmp_path / 'other.onnx', img_size=128)
 
 
+@pytest.mark.integration
 def test_onnx_graph_runs_convnext_mlps_as_convolutions(tmp_path):
     """The exported graph has 1x1 convolutions for the ConvNeXt MLPs (ONNX Runtime's NCHWc kernels), and is checked
     against the model as it was."""
@@ -170,6 +174,7 @@ def test_onnx_graph_runs_convnext_mlps_as_convolutions(tmp_path):
     assert sum(n.op_type == 'MatMul' for n in onnx.load(path).graph.node) == 8 * 6
 
 
+@pytest.mark.integration
 def test_export_check_refuses_vanishing_outputs(tmp_path):
     """A random CabViT-H model's outputs are ~1e-20 at its initial BatchNorm statistics: a check on them says
     nothing. By name without a checkpoint the statistics are calibrated first."""
@@ -180,6 +185,7 @@ def test_export_check_refuses_vanishing_outputs(tmp_path):
     assert report['max_abs_output'] > 0.1
 
 
+@pytest.mark.integration
 def test_onnx_export_by_name_with_checkpoint(tmp_path):
     """What `timm-cabvit export-onnx cabvit_h_l1 out.onnx --img-size 96 --checkpoint FILE` does."""
     model = _model('cabvit_h_l1')
@@ -225,6 +231,7 @@ def _dynamic_p_l0() -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('export', ['onnx', 'torch.export', 'torchscript'])
 def test_dynamic_model_exported_at_a_size_not_a_multiple_of_16_equals_it(export, tmp_path):
     """Exported at 36x52 (2x3 patches, the rest dropped), each export gives what the eager dynamic model gives at
@@ -248,6 +255,7 @@ def test_dynamic_model_exported_at_a_size_not_a_multiple_of_16_equals_it(export,
     assert report['max_rel_diff'] < 1e-5
 
 
+@pytest.mark.integration
 def test_export_check_compares_with_the_model_as_given(tmp_path):
     """A dynamic model is exported at another size from a copy whose tables were resampled once; the check compares
     the export with the model as given, which resamples them in its forward pass. Tables resampled wrongly for the
@@ -267,6 +275,7 @@ def test_export_check_compares_with_the_model_as_given(tmp_path):
             export_onnx(model, tmp_path / 'p_l0.onnx', img_size=(36, 52))
 
 
+@pytest.mark.integration
 def test_onnx_export_of_a_features_only_backbone_at_its_own_size(tmp_path):
     """A backbone built at 64 exports at 64 by default: one graph output per feature map, each with a dynamic
     batch and checked."""
@@ -294,6 +303,7 @@ def test_onnx_missing_names_the_extra(tmp_path, monkeypatch):
     assert not (tmp_path / 'm.onnx').exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('model_name', _params(ALL_MODELS, slow=('cabvit_p_l0', *SLOW_MODELS)))
 def test_torch_export_round_trip(model_name, tmp_path):
     """Exported with a dynamic batch, saved, loaded (by export_program) and run at batch 1 and 3."""
@@ -309,6 +319,7 @@ def test_torch_export_round_trip(model_name, tmp_path):
             assert (loaded(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('model_name', _params(ALL_MODELS))
 def test_torchscript_round_trip(model_name, tmp_path):
     model = _model(model_name)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_example
+from support import load_example
 
 NUM_CLASSES = 4  # background and three box colours
 detection = load_example('detection')

@@ -4,7 +4,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import ALL_MODELS
+from support import ALL_MODELS
 
 SIZES = [(224, 224), (256, 320), (512, 512), (800, 1216)]
 
@@ -135,6 +135,7 @@ def test_compile_recompiles_per_size():
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('model_name', ['cabvit_h_l1', 'cabvit_p_l0'])
 def test_onnx_export_at_a_fixed_size_of_ones_choice(model_name, tmp_path):
     """A dynamic model exports at any fixed size: ONNX Runtime gives what the dynamic model gives at that size."""

@@ -276,6 +276,7 @@ def test_export_layout_and_bit_exact_round_trip(trained, exported):
     assert torch.equal(_logits(loaded, x), logits)
 
 
+@pytest.mark.integration
 def test_hub_download_cache_and_offline(trained, exported, loopback_hub, hf_env, monkeypatch):
     _, x, logits = trained
     loopback_hub.add_folder(REPO_ID, exported)
@@ -323,6 +324,7 @@ def test_weights_not_published(hf_env, loopback_hub):
     assert len(loopback_hub.requests) == served
 
 
+@pytest.mark.integration
 def test_organisation_weights_load_with_pretrained_true(trained, exported, loopback_hub, hf_env):
     """TIMM_CABVIT_HUB_ORG=ORG makes pretrained=True (and so train.py --pretrained) load ORG/<model>.<tag>."""
     _, x, logits = trained
@@ -451,6 +453,7 @@ def test_card_claims_only_the_dataset_it_is_given(exported, tmp_path):
     assert '- **Dataset:** Oxford Flowers-102' in card and 'datasets:\n- oxford flowers-102' in card
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('org, offline, message', [
     ('not an/org', '0', r"TIMM_CABVIT_HUB_ORG='not an/org' is not a Hugging Face organisation or user name"),
     ('my-org', '1', r"(?s)Could not load the weights of cabvit_h_l1 from Hugging Face Hub repo "

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import ALL_MODELS, H_MODELS
+from support import ALL_MODELS, H_MODELS
 
 from timm_cabvit.cabvit import CabViTBlock
 from timm_cabvit.flops import count_flops

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_example
+from support import load_example
 
 NUM_CLASSES = 5
 segmentation = load_example('segmentation')

@@ -14,7 +14,7 @@ so each applicable test is called here explicitly for our four models. What is l
 - model-family tests (swin, naflexvit, levit internals, ...) test those families' own code.
 """
 import pytest
-from conftest import ALL_MODELS, H_MODELS
+from support import ALL_MODELS, H_MODELS
 from timm_suite import load_test_models
 
 # (test name, batch size or None, models); batch sizes as timm's own parametrization

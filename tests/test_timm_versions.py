@@ -29,6 +29,7 @@ def test_setup_cfg_requires_the_minimum():
     assert [r for r in requirements if r.startswith('timm')] == [f'timm>={TIMM_MINIMUM}']
 
 
+@pytest.mark.integration
 def test_oldest_supported_timm_runs_the_smoke_test():
     """Every model: forward, features_only, intermediates, reset_classifier, a training step, a checkpoint."""
     site = install_timm(TIMM_MINIMUM)
@@ -57,6 +58,7 @@ def _check_message(text: str, shadowed: bool = False) -> None:
     assert (f'shadows the installed timm {timm.__version__}' in text) == shadowed, text
 
 
+@pytest.mark.integration
 def test_import_with_a_too_old_timm_names_both_versions(installed, old_timm):
     result = installed.run('import timm_cabvit', env={'PYTHONPATH': str(old_timm)}, check=False)
     assert result.returncode == 1
@@ -66,6 +68,7 @@ def test_import_with_a_too_old_timm_names_both_versions(installed, old_timm):
     assert WARNING not in result.stderr  # the start-up hook stays quiet: the error says it all
 
 
+@pytest.mark.integration
 def test_start_up_hook_gives_one_warning_with_a_too_old_timm(installed, old_timm):
     result = installed.run('import timm; print(timm.__version__, timm.list_models("cabvit*"))',
                            env={'PYTHONPATH': str(old_timm)}, args=['-W', 'default'])
@@ -75,6 +78,7 @@ def test_start_up_hook_gives_one_warning_with_a_too_old_timm(installed, old_timm
     _check_message(warnings[0])
 
 
+@pytest.mark.integration
 def test_scripts_in_an_old_timm_checkout_give_one_warning(installed, old_timm, tmp_path):
     """`python train.py` inside a checkout of timm's repository: its `timm/` shadows the installed timm."""
     checkout = tmp_path / 'pytorch-image-models'

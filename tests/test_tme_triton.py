@@ -115,6 +115,7 @@ def _compare(tme: TokenMergeEnhance, x: torch.Tensor, train: bool, rtol: float =
         assert torch.allclose(b[name].double(), b_ref[name].double(), rtol=rtol, atol=rtol), name
 
 
+@pytest.mark.integration
 def test_impl_from_env_and_module_setting(monkeypatch):
     script = 'import timm_cabvit.tme as t; print(t.get_tme_impl())'
     done = subprocess.run([sys.executable, '-c', script], env=dict(os.environ, TIMM_CABVIT_TME='torch'),
@@ -151,6 +152,7 @@ def test_bad_env_value_warns_at_import_and_falls_back_to_auto(monkeypatch, value
         assert tme_module._impl_from_environment() == 'auto'
 
 
+@pytest.mark.integration
 def test_bad_env_value_leaves_import_timm_and_the_models_working():
     script = ('import warnings; warnings.simplefilter("always"); import timm; from timm_cabvit.tme import '
               'get_tme_impl; timm.create_model("cabvit_h_l1", img_size=32); print(get_tme_impl())')

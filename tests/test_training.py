@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration
 def test_ddp_two_processes_end_with_identical_weights():
     result = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',

@@ -105,6 +105,7 @@ def test_timm_loads_the_export_as_before(exported, from_timm):
     assert 'num_classes' not in config['model_args']  # transformers passes its own num_classes beside model_args
 
 
+@pytest.mark.integration
 def test_same_preprocessing_and_logits_as_timm(from_transformers, from_timm):
     _, pixel_values, logits = from_timm
     assert from_transformers['model'] == 'TimmWrapperForImageClassification' and not from_transformers['training']
@@ -113,6 +114,7 @@ def test_same_preprocessing_and_logits_as_timm(from_transformers, from_timm):
     assert logits.std() > 0.1  # the classes are told apart, so the comparison means something
 
 
+@pytest.mark.integration
 def test_pipeline_labels_and_scores(from_transformers, from_timm):
     _, _, logits = from_timm
     assert from_transformers['id2label'] == {str(i): name for i, name in enumerate(LABELS)}
