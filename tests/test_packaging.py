@@ -27,6 +27,7 @@ def test_the_core_install_has_no_tool_dependencies():
     assert {r.split('>')[0] for r in tools} == {'fvcore', 'matplotlib'}
 
 
+@pytest.mark.integration
 def test_a_cabvit_model_imports_nothing_a_convnext_does_not():
     """`import timm_cabvit` and `timm.create_model('cabvit_h_l2')`, after a convnext_tiny: no new third-party
     module (no fvcore, matplotlib, onnx), only the package's own core modules."""
