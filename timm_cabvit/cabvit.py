@@ -17,7 +17,7 @@ import math
 import os
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Callable, Dict, Final, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, Final, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import huggingface_hub.constants
 import torch
@@ -178,6 +178,26 @@ class DigestCalibration(nn.Module):
     @torch.jit.unused
     def _resampled_scale(self, digest_grid: Grid) -> torch.Tensor:
         return resize_token_grid(self.scale, self.digest_grid, digest_grid)
+
+
+# The learned tables laid out on a token grid, by the class that holds them: the parameter's name, and whether it
+# lies on the digest grid of the block (depth biases, digest scales) rather than on its token grid (position
+# biases). The one place that names them: `table_grids` (checkpoint resampling) and `no_weight_decay` walk it.
+GRID_TABLES: Dict[Type[nn.Module], Tuple[str, bool]] = {
+    GridPosBias: ('attention_biases', False),
+    ClassTokenRelPosBias: ('relative_position_bias_table', False),
+    RelativeDepthBias: ('bias', True),
+    DigestCalibration: ('scale', True),
+}
+
+
+def grid_tables(module: nn.Module) -> Iterator[Tuple[str, bool]]:
+    """Each grid-laid table in `module`: its state-dict name relative to `module`, and whether it lies on the
+    digest grid."""
+    for name, submodule in module.named_modules():
+        table = GRID_TABLES.get(type(submodule))
+        if table is not None and getattr(submodule, table[0]) is not None:
+            yield (f'{name}.{table[0]}' if name else table[0]), table[1]
 
 
 class CrossBlockAttention(nn.Module):
@@ -454,13 +474,7 @@ class CabViTBlock(nn.Module):
     def table_grids(self, grid_size: Grid) -> Dict[str, Grid]:
         """The grid each of the block's tables is laid out on when its tokens form `grid_size`, by parameter name."""
         digest_grid = digest_grid_size(grid_size)
-        table = 'attention_biases' if isinstance(self.attn.pos_bias, GridPosBias) else 'relative_position_bias_table'
-        grids = {f'attn.pos_bias.{table}': grid_size}
-        if self.attn.depth_bias is not None:
-            grids['attn.depth_bias.bias'] = digest_grid
-        if self.digest_calib is not None and self.digest_calib.scale is not None:
-            grids['digest_calib.scale'] = digest_grid
-        return grids
+        return {name: digest_grid if on_digests else grid_size for name, on_digests in grid_tables(self)}
 
     def forward(
             self, x: torch.Tensor, digests: Optional[torch.Tensor], grid_size: Grid,
@@ -781,7 +795,7 @@ class CabViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {n for n, _ in self.named_parameters() if n.endswith(('attention_biases', 'depth_bias.bias', '.scale'))}
+        return {name for name, _ in grid_tables(self)}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -991,9 +1005,7 @@ class CabViTPlain(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {'cls_token'} | {
-            n for n, _ in self.named_parameters()
-            if n.endswith(('relative_position_bias_table', 'depth_bias.bias', '.scale'))}
+        return {'cls_token'} | {name for name, _ in grid_tables(self)}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
