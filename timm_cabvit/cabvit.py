@@ -303,6 +303,11 @@ class CrossBlockAttention(nn.Module):
         rows = max(1, self.max_bias_elements // (self.num_heads * width * self.num_keys(grid_size)))
         return [(start, min(start + rows, height)) for start in range(0, height, rows)]
 
+    def query_range(self, rows: Tuple[int, int], width: int) -> Tuple[int, int]:
+        """Token positions of the queries in grid rows `rows`: the prefix tokens come with the first rows."""
+        prefix = self.pos_bias.num_prefix_tokens
+        return 0 if rows[0] == 0 else prefix + rows[0] * width, prefix + rows[1] * width
+
     def _layout(
             self, table: torch.Tensor, grid_size: Grid, rows: Tuple[int, int], index: torch.Tensor,
     ) -> torch.Tensor:
@@ -343,8 +348,8 @@ class CrossBlockAttention(nn.Module):
         table = self._tables(grid_size).to(dtype)
         gather = table.requires_grad if torch.jit.is_scripting() else _gather_whole_bias(table)
         if grid_size == self.grid_size and gather:
-            prefix, width = self.pos_bias.num_prefix_tokens, grid_size[1]
-            positions = self.bias_positions[0 if rows[0] == 0 else prefix + rows[0] * width:prefix + rows[1] * width]
+            start, end = self.query_range(rows, grid_size[1])
+            positions = self.bias_positions[start:end]
             bias = table.index_select(1, positions.flatten()).view(self.num_heads, -1, positions.shape[1])
         else:
             index = self.bias_index if grid_size == self.grid_size else self._bias_index(grid_size, table.device)
@@ -376,10 +381,10 @@ class CrossBlockAttention(nn.Module):
         B, N, C = x.shape
         q, k, v = self._qkv(x, digests)
         outputs: List[torch.Tensor] = []
-        prefix, width = self.pos_bias.num_prefix_tokens, grid_size[1]
         for rows in self.query_chunks(grid_size):
             bias = self.attention_bias(grid_size, rows, q.dtype)
-            q_rows = q[:, :, 0 if rows[0] == 0 else prefix + rows[0] * width:prefix + rows[1] * width]
+            start, end = self.query_range(rows, grid_size[1])
+            q_rows = q[:, :, start:end]
             if self.fused_attn and (torch.jit.is_scripting() or not _in_func_transform(q)):
                 out = F.scaled_dot_product_attention(
                     q_rows, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)

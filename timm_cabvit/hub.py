@@ -142,9 +142,8 @@ def _saved_input(
     trained with.
 
     Read from the classifier, the first conv, and what the checkpoint records (`metadata`, from `read_checkpoint`
-    or `checkpoint_metadata`)
-    or its tables tell (`weights.saved_img_size`); img_size is left out where neither says. `img_size`, the
-    size the user says it was trained at, must agree with what the checkpoint records and its tables fit.
+    or `checkpoint_metadata`) or its tables tell (`weights.saved_img_size`); img_size is left out where neither
+    says. `img_size`, the size the user says it was trained at, must agree with both.
     """
     state_dict = unwrap_checkpoint(checkpoint)
     if is_reference_layout(state_dict):
@@ -304,14 +303,14 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True)
     _leave_num_classes_to_the_root(out_dir / HUB_CONFIG)
+    # the size in the file's own header too, so that the weights copied alone still say what they were trained at
+    height, width = model.img_size
+    safetensors.torch.save_file(safetensors.torch.load_file(out_dir / HUB_WEIGHTS), out_dir / HUB_WEIGHTS,
+                                metadata={'format': 'pt', 'img_size': f'{height}x{width}'})
     written = safetensors.torch.load_file(out_dir / HUB_WEIGHTS)
     expected = model.state_dict()
     if written.keys() != expected.keys() or any(not torch.equal(written[k], v) for k, v in expected.items()):
         raise CheckpointError(f"'{out_dir / HUB_WEIGHTS}' does not hold the model's weights after writing it.")
-    # the size in the file's own header too, so that the weights copied alone still say what they were trained at
-    height, width = model.img_size
-    safetensors.torch.save_file(
-        written, out_dir / HUB_WEIGHTS, metadata={'format': 'pt', 'img_size': f'{height}x{width}'})
 
     repo_id = repo_id or model.pretrained_cfg.get('hf_hub_id') or f'ORG/{model_name}'
     card = _model_card(model, arch, dataset or _tag_dataset(tag, saved['num_classes']), repo_id)

@@ -3,7 +3,7 @@
 Everything `checkpoint_filter_fn` (in `cabvit.py`) and the Hub code need to turn a checkpoint into the state dict
 of a given model, or to say precisely why it cannot be one:
 
-- reading a file (`load_checkpoint_file`), with errors that name it when it is missing, truncated or not a
+- reading a file once (`read_checkpoint`), with errors that name it when it is missing, truncated or not a
   checkpoint at all, and the input size it was trained at where the file records it (`checkpoint_metadata`);
 - unwrapping timm train.py checkpoints (EMA weights first, DDP / torch.compile prefixes) and converting the authors'
   reference layout (`unwrap_checkpoint`, `convert_reference`);
@@ -38,7 +38,7 @@ from .layers import resize_rel_pos_table, resize_token_grid
 
 __all__ = [
     'CheckpointError', 'CheckpointMismatchError', 'check_checkpoint_file', 'check_fits', 'checkpoint_metadata',
-    'convert_reference', 'fit_tables', 'is_reference_layout', 'load_checkpoint_file', 'load_state_dict_pre_hook',
+    'convert_reference', 'fit_tables', 'is_reference_layout', 'load_state_dict_pre_hook',
     'parse_img_size', 'read_checkpoint', 'resample_tables', 'saved_img_size', 'unwrap_checkpoint',
 ]
 
@@ -170,11 +170,6 @@ def read_checkpoint(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
             f"tensors ({reason}).") from e
     header = _safetensors_header(data).get('__metadata__') if is_safetensors else None
     return contents, _file_metadata(path, contents, header or {})
-
-
-def load_checkpoint_file(path: PathLike) -> Dict[str, Any]:
-    """The whole checkpoint in a file, as `read_checkpoint` reads it."""
-    return read_checkpoint(path)[0]
 
 
 def parse_img_size(value: Any, where: str) -> Grid:
