@@ -32,6 +32,7 @@ from bench_utils import (
 )
 
 import timm_cabvit  # noqa: F401  registers the models
+from timm_cabvit.cabvit import CabViTBlock
 from timm_cabvit.tme import TokenMergeEnhance
 
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
@@ -42,10 +43,11 @@ def tme_shapes(model_names: List[str]) -> List[Dict]:
     shapes: Dict[Tuple, Dict] = {}
     for name in model_names:
         model = timm.create_model(name)
-        for module in model.modules():
-            if isinstance(module, TokenMergeEnhance):
-                key = (tuple(module.grid_size), module.enhance.conv.in_channels, module.merge is not None,
-                       module.num_prefix_tokens)
+        for block in model.modules():
+            if isinstance(block, CabViTBlock):
+                tme = block.tme
+                key = (block.attn.pos_bias.grid_size, tme.enhance.conv.in_channels, tme.merge is not None,
+                       tme.num_prefix_tokens)
                 shape = shapes.setdefault(key, dict(
                     grid=key[0], dim=key[1], merge=key[2], prefix=key[3], blocks={}))
                 shape['blocks'][name] = shape['blocks'].get(name, 0) + 1
@@ -73,7 +75,7 @@ def traffic_bytes(shape: Dict, batch_size: int, element_size: int) -> Tuple[int,
 
 
 def build(shape: Dict, device: torch.device, param_dtype: torch.dtype) -> TokenMergeEnhance:
-    tme = TokenMergeEnhance(shape['dim'], shape['grid'], merge=shape['merge'], num_prefix_tokens=shape['prefix'])
+    tme = TokenMergeEnhance(shape['dim'], merge=shape['merge'], num_prefix_tokens=shape['prefix'])
     return tme.to(device=device, dtype=param_dtype)
 
 
@@ -89,18 +91,18 @@ def measure(shape: Dict, impl: str, args, device: torch.device) -> Tuple[float, 
     tme.eval()
     x = torch.randn(args.batch, seq, shape['dim'], device=device, dtype=act_dtype)
     with torch.inference_mode(), autocast:
-        fwd_ms = time_ms(lambda: tme(x), **timing)
+        fwd_ms = time_ms(lambda: tme(x, shape['grid']), **timing)
 
     tme.train()
     x = torch.randn(args.train_batch, seq, shape['dim'], device=device, dtype=act_dtype, requires_grad=True)
     params = list(tme.parameters())
     with autocast:
-        z, d = tme(x)
+        z, d = tme(x, shape['grid'])
     grads = [torch.randn_like(z)] + ([torch.randn_like(d)] if d is not None else [])
 
     def step():
         with autocast:
-            z, d = tme(x)
+            z, d = tme(x, shape['grid'])
         torch.autograd.grad([z] + ([d] if d is not None else []), [x] + params, grads)
 
     return fwd_ms, time_ms(step, **timing)

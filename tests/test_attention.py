@@ -58,7 +58,7 @@ def test_query_chunks_give_the_same_output(model_name, monkeypatch):
         whole = model(x)
         for attn in _attention_modules(model):
             monkeypatch.setattr(attn, 'max_bias_elements', 100)
-            assert len(attn.query_chunks(attn.pos_bias.window_size)) > 1
+            assert len(attn.query_chunks(attn.pos_bias.grid_size)) > 1
         torch.testing.assert_close(model(x), whole)
 
 
@@ -213,7 +213,7 @@ def test_gradient_and_layout_paths_give_one_bias(model_name, monkeypatch):
     model = _model(model_name, img_size=(96, 64))
     for attn in _attention_modules(model):
         monkeypatch.setattr(attn, 'max_bias_elements', 1000)
-        grid = attn.grid_size
+        grid = attn.pos_bias.grid_size
         for rows in attn.query_chunks(grid):
             trained = attn.attention_bias(grid, rows, torch.float32)
             with torch.no_grad():

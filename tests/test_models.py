@@ -286,6 +286,27 @@ def test_set_input_size_resamples_tables_and_keeps_frozen_weights():
         assert torch.isfinite(model(torch.randn(1, 3, 256, 192))).all()
 
 
+@pytest.mark.parametrize('model_name', ['cabvit_h_l1', 'cabvit_p_l0'])
+def test_each_table_keeps_its_grid_and_no_other_module_stores_one(model_name):
+    """A grid lives with the table laid out on it; resizing walks those tables, the walk table_grids takes too."""
+    from timm.layers import PatchEmbed
+
+    from timm_cabvit.cabvit import GRID_TABLES
+
+    model = timm.create_model(model_name, img_size=(96, 64))
+    holders = {type(m) for m in model.modules()
+               if isinstance(getattr(m, 'grid_size', None), tuple) and not isinstance(m, PatchEmbed)}
+    assert holders and holders <= set(GRID_TABLES)
+    model.set_input_size((128, 96))
+    assert all(owner.grid_size == grid for _, owner, grid in model.table_owners((128, 96)))
+    built = timm.create_model(model_name, img_size=(128, 96))
+    assert model.table_grids() == built.table_grids()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in built.state_dict().items()}
+    for attn_resized, attn_built in zip(*(
+            [m for m in mod.modules() if hasattr(m, 'bias_positions')] for mod in (model, built))):
+        assert torch.equal(attn_resized.bias_positions, attn_built.bias_positions)
+
+
 def test_checkpoint_at_224_loads_at_384():
     source = timm.create_model('cabvit_h_l1')
     target = timm.create_model('cabvit_h_l1', img_size=384).eval()

@@ -62,9 +62,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _make_tme(dim: int, grid: Tuple[int, int], prefix: int, merge: bool = True, dtype=torch.float32):
+def _make_tme(dim: int, prefix: int, merge: bool = True, dtype=torch.float32):
     torch.manual_seed(0)
-    tme = TokenMergeEnhance(dim, grid, merge=merge, num_prefix_tokens=prefix).to(DEVICE, dtype)
+    tme = TokenMergeEnhance(dim, merge=merge, num_prefix_tokens=prefix).to(DEVICE, dtype)
     bn = tme.enhance.bn
     with torch.no_grad():
         for conv in (tme.merge, tme.enhance.conv):
@@ -77,10 +77,12 @@ def _make_tme(dim: int, grid: Tuple[int, int], prefix: int, merge: bool = True, 
     return tme
 
 
-def _run(tme: TokenMergeEnhance, x: torch.Tensor, dz: torch.Tensor, dd: Optional[torch.Tensor]):
+def _run(
+        tme: TokenMergeEnhance, x: torch.Tensor, grid: Tuple[int, int], dz: torch.Tensor, dd: Optional[torch.Tensor],
+):
     """Forward and backward of a TME copy; returns its outputs, the gradients and the BN buffers."""
     x = x.detach().clone().requires_grad_()
-    z, digest = tme(x)
+    z, digest = tme(x, grid)
     torch.autograd.backward([z] + ([digest] if dd is not None else []), [dz] + ([dd] if dd is not None else []))
     grads = {'x': x.grad, 'enhance': tme.enhance.conv.weight.grad,
              'bn_weight': tme.enhance.bn.weight.grad, 'bn_bias': tme.enhance.bn.bias.grad}
@@ -92,17 +94,18 @@ def _run(tme: TokenMergeEnhance, x: torch.Tensor, dz: torch.Tensor, dd: Optional
     return z, digest, grads, buffers
 
 
-def _compare(tme: TokenMergeEnhance, x: torch.Tensor, train: bool, rtol: float = RTOL):
+def _compare(tme: TokenMergeEnhance, x: torch.Tensor, grid: Tuple[int, int], train: bool, rtol: float = RTOL):
     """Fused and PyTorch path from the same state: outputs, all gradients and the BN buffers after one step."""
     tme.train(train)
     fused, ref = copy.deepcopy(tme), copy.deepcopy(tme)
     fused.set_impl('triton')
     ref.set_impl('torch')
-    num_digest = math.ceil(tme.grid_size[0] / 4) * math.ceil(tme.grid_size[1] / 4)
+    num_digest = math.ceil(grid[0] / 4) * math.ceil(grid[1] / 4)
     dz = torch.randn_like(x)
     dd = torch.randn(x.shape[0], num_digest, x.shape[2], device=x.device) if tme.merge is not None else None
-    z_ref, d_ref, g_ref, b_ref = _run(ref, x, dz, dd)
-    z, d, g, b = _run(fused, _in_nan_storage(x), _in_nan_storage(dz), _in_nan_storage(dd) if dd is not None else None)
+    z_ref, d_ref, g_ref, b_ref = _run(ref, x, grid, dz, dd)
+    dd_fused = _in_nan_storage(dd) if dd is not None else None
+    z, d, g, b = _run(fused, _in_nan_storage(x), grid, _in_nan_storage(dz), dd_fused)
     assert _rel_err(z, z_ref) < rtol
     assert (d is None) == (d_ref is None)
     if d is not None:
@@ -125,7 +128,7 @@ def test_impl_from_env_and_module_setting(monkeypatch):
         monkeypatch.setenv('TIMM_CABVIT_TME', value)
         with mock.patch.object(tme_module, 'HAS_TRITON', True):
             assert tme_module._impl_from_environment() == impl
-    tme = TokenMergeEnhance(8, (4, 4))
+    tme = TokenMergeEnhance(8)
     assert tme.tme_impl is None  # follows the module-level setting
     try:
         with mock.patch.object(tme_module, 'HAS_TRITON', True):
@@ -201,7 +204,7 @@ def test_set_tme_impl(model_name, img_size):
 
 
 def test_path_selection():
-    tme = TokenMergeEnhance(8, (4, 4))
+    tme = TokenMergeEnhance(8)
     x = torch.zeros(1, 16, 8)
     tme.set_impl('torch')
     assert not tme._use_triton(x)
@@ -215,7 +218,7 @@ def test_path_selection():
 def test_auto_picks_the_fused_tme_only_where_it_was_measured_faster():
     """Batched CUDA inference without gradients (faster there on an H100); the PyTorch path for training, for
     inputs that need gradients and for small batches (slower there)."""
-    tme = TokenMergeEnhance(8, (4, 4)).eval()
+    tme = TokenMergeEnhance(8).eval()
     tme.set_impl('auto')
     batched = torch.empty(tme_module.FUSED_TME_MIN_BATCH, 16, 8, device='meta')
     with mock.patch.object(torch.Tensor, 'is_cuda', property(lambda t: True)), \
@@ -230,14 +233,14 @@ def test_auto_picks_the_fused_tme_only_where_it_was_measured_faster():
 
 @requires_triton
 def test_torchscript_and_fx_use_torch_path():
-    tme = _make_tme(8, (5, 7), prefix=1).eval()
+    tme = _make_tme(8, prefix=1).eval()
     tme.set_impl('triton')
     x = torch.randn(2, 36, 8, device=DEVICE)
     ref = copy.deepcopy(tme)
     ref.set_impl('torch')
     scripted = torch.jit.script(tme)
-    assert _rel_err(scripted(x)[0], ref(x)[0]) < RTOL
-    graph = torch.fx.symbolic_trace(tme).graph
+    assert _rel_err(scripted(x, (5, 7))[0], ref(x, (5, 7))[0]) < RTOL
+    graph = torch.fx.symbolic_trace(tme, concrete_args={'grid_size': (5, 7)}).graph
     assert 'enhance.conv' in [node.target for node in graph.nodes if node.op == 'call_module']
 
 
@@ -254,28 +257,28 @@ def test_torchscript_and_fx_use_torch_path():
 def test_matches_torch(tme_triton, grid, prefix, train, dim):
     # batch 2: at batch 1 with a prefix token the reference itself is wrong on CPU. Its map is then a view with
     # batch stride C, not C * H * W, for which BatchNorm2d's CPU backward (torch 2.14) returns wrong gradients.
-    tme = _make_tme(dim, grid, prefix)
+    tme = _make_tme(dim, prefix)
     x = torch.randn(2, prefix + grid[0] * grid[1], dim, device=DEVICE) + 0.5
-    _compare(tme, x, train)
+    _compare(tme, x, grid, train)
 
 
 @pytest.mark.parametrize('train', [False, True])
 def test_matches_torch_no_merge_two_channel_blocks(tme_triton, train):
-    tme = _make_tme(72, (6, 5), prefix=0, merge=False)  # 72 channels: a full and a masked block of 64
+    tme = _make_tme(72, prefix=0, merge=False)  # 72 channels: a full and a masked block of 64
     x = torch.randn(3, 30, 72, device=DEVICE)
-    _compare(tme, x, train)
+    _compare(tme, x, (6, 5), train)
 
 
 def test_momentum_none_cumulative_average(tme_triton):
-    tme = _make_tme(8, (5, 5), prefix=0)
+    tme = _make_tme(8, prefix=0)
     tme.enhance.bn.momentum = None
     fused, ref = copy.deepcopy(tme).train(), copy.deepcopy(tme).train()
     fused.set_impl('triton')
     ref.set_impl('torch')
     for _ in range(2):
         x = torch.randn(2, 25, 8, device=DEVICE)
-        fused(x)
-        ref(x)
+        fused(x, (5, 5))
+        ref(x, (5, 5))
     for name in ('running_mean', 'running_var', 'num_batches_tracked'):
         a, b = getattr(fused.enhance.bn, name), getattr(ref.enhance.bn, name)
         assert torch.allclose(a.double(), b.double(), rtol=RTOL, atol=RTOL), name
@@ -287,13 +290,13 @@ def test_low_precision(tme_triton, dtype, rtol):
     grid, prefix = (7, 7), 1
     x = torch.randn(2, prefix + 49, 16, device=DEVICE)
     for train in (False, True):
-        ref = _make_tme(16, grid, prefix).train(train)
+        ref = _make_tme(16, prefix).train(train)
         ref.set_impl('torch')
-        z_ref, d_ref = ref(x)
-        tme = _make_tme(16, grid, prefix).to(dtype).train(train)
+        z_ref, d_ref = ref(x, grid)
+        tme = _make_tme(16, prefix).to(dtype).train(train)
         tme.set_impl('triton')
         xl = x.to(dtype).requires_grad_()
-        z, d = tme(xl)
+        z, d = tme(xl, grid)
         assert z.dtype == d.dtype == dtype
         assert _rel_err(z.float(), z_ref) < rtol
         assert _rel_err(d.float(), d_ref) < rtol
@@ -324,7 +327,7 @@ def test_gradcheck_fp64(tme_triton, train):
 @pytest.mark.parametrize('train', [False, True])
 def test_compile_fullgraph(tme_triton, train):
     """torch.compile traces through the custom ops, forward and backward (aot_eager: no C++ / Triton codegen)."""
-    tme = _make_tme(16, (7, 7), prefix=0).train(train)
+    tme = _make_tme(16, prefix=0).train(train)
     tme.set_impl('triton')
     eager = copy.deepcopy(tme)
     compiled = torch.compile(tme, fullgraph=True, backend='aot_eager')
@@ -332,7 +335,7 @@ def test_compile_fullgraph(tme_triton, train):
     outs = []
     for module in (eager, compiled):
         xg = x.clone().requires_grad_()
-        z, d = module(xg)
+        z, d = module(xg, (7, 7))
         (z.square().sum() + d.sum()).backward()
         outs.append((z, d, xg.grad, module.enhance.conv.weight.grad, module.enhance.bn.running_mean))
     for a, b in zip(*outs):
@@ -358,10 +361,10 @@ def test_bad_input(tme_triton):
         tme_triton.tme_eval(
             torch.zeros(1, 10, 4, device=DEVICE), torch.zeros(4, 1, 3, 3, device=DEVICE), None,
             *(torch.ones(4, device=DEVICE),) * 4, 1e-5, 3, 3, 0)
-    tme = _make_tme(4, (1, 1), prefix=0).train()
+    tme = _make_tme(4, prefix=0).train()
     tme.set_impl('triton')
     with pytest.raises(ValueError, match='more than 1 value per channel'):
-        tme(torch.zeros(1, 1, 4, device=DEVICE))
+        tme(torch.zeros(1, 1, 4, device=DEVICE), (1, 1))
 
 
 def _model_logits(img_size: int, batch_size: int, train: bool):

@@ -51,7 +51,7 @@ def test_bf16_merge_gradient_finite_on_a_dirty_heap():
     from timm_cabvit.tme import TokenMergeEnhance
 
     for grid in [(2, 2), (5, 3), (1, 1), (9, 1)]:
-        tme = TokenMergeEnhance(64, grid).train()
+        tme = TokenMergeEnhance(64).train()
         tokens = torch.randn(4, grid[0] * grid[1], 64, requires_grad=True)
         _dirty_heap()
         with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -64,10 +64,10 @@ def test_bf16_merge_gradient_finite_on_a_dirty_heap():
 def test_narrow_merge_in_float32_is_the_same_function():
     from timm_cabvit.tme import TokenMergeEnhance
 
-    tme = TokenMergeEnhance(32, (6, 3)).eval()
+    tme = TokenMergeEnhance(32).eval()
     tokens = torch.randn(2, 18, 32)
     x_map = tokens.transpose(1, 2).reshape(2, 32, 6, 3)
-    torch.testing.assert_close(tme(tokens)[1], tme.merge(x_map).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(tme(tokens, (6, 3))[1], tme.merge(x_map).flatten(2).transpose(1, 2))
 
 
 def test_bf16_training_after_an_fp32_pass_has_finite_gradients():

@@ -17,7 +17,7 @@ import math
 import os
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Callable, Dict, Final, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, Final, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import huggingface_hub.constants
 import torch
@@ -105,26 +105,26 @@ class RelativeDepthBias(nn.Module):
     """Attention bias of the digest keys: one value per head, relative depth and digest token.
 
     Block i sees the digests of block j at relative depth i - j. The table is indexed by relative depth
-    (index 0: the previous block) and returned in key order, oldest digests first.
+    (index 0: the previous block) and returned in key order, oldest digests first. `grid_size` is the digest grid
+    the table is laid out on.
     """
 
-    def __init__(self, num_heads: int, depth: int, digest_grid: Grid, device=None, dtype=None):
+    def __init__(self, num_heads: int, depth: int, grid_size: Grid, device=None, dtype=None):
         super().__init__()
         self.depth = depth
-        self.digest_grid = tuple(digest_grid)
-        num_digest = digest_grid[0] * digest_grid[1]
-        self.bias = nn.Parameter(torch.zeros(num_heads, depth, num_digest, device=device, dtype=dtype))
+        self.grid_size = tuple(grid_size)
+        self.bias = nn.Parameter(torch.zeros(num_heads, depth, grid_size[0] * grid_size[1], device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.bias)
 
-    def set_grid_size(self, digest_grid: Grid) -> None:
-        self.bias = resized_parameter(self.bias, self.digest_grid, digest_grid)
-        self.digest_grid = tuple(digest_grid)
+    def set_grid_size(self, grid_size: Grid) -> None:
+        self.bias = resized_parameter(self.bias, self.grid_size, grid_size)
+        self.grid_size = tuple(grid_size)
 
-    def table(self, digest_grid: Grid) -> torch.Tensor:
-        """(heads, depth * digests) for digests on `digest_grid`, by relative depth (the previous block first)."""
-        bias = self.bias if digest_grid == self.digest_grid else self._resampled(digest_grid)
+    def table(self, grid_size: Grid) -> torch.Tensor:
+        """(heads, depth * digests) for digests on `grid_size`, by relative depth (the previous block first)."""
+        bias = self.bias if grid_size == self.grid_size else self._resampled(grid_size)
         return bias.flatten(1)
 
     def key_order_index(self, num_digests: int, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -133,30 +133,31 @@ class RelativeDepthBias(nn.Module):
                 + torch.arange(num_digests, device=device)).flatten()
 
     @torch.jit.unused
-    def _resampled(self, digest_grid: Grid) -> torch.Tensor:
-        return resize_token_grid(self.bias, self.digest_grid, digest_grid)
+    def _resampled(self, grid_size: Grid) -> torch.Tensor:
+        return resize_token_grid(self.bias, self.grid_size, grid_size)
 
 
 class DigestCalibration(nn.Module):
     """Scale each digest token by a learnable scalar, then LayerNorm (the reference's order).
 
     The LayerNorm after the scale cancels it but for eps; kept for compatibility with the reference weights.
-    `scale=False` leaves the scales out (the paper's ablation without them).
+    `scale=False` leaves the scales out (the paper's ablation without them). `grid_size` is the digest grid the
+    scales are laid out on.
     """
 
     def __init__(
             self,
             dim: int,
             depth: int,
-            digest_grid: Grid,
+            grid_size: Grid,
             norm_layer: Type[nn.Module],
             scale: bool = True,
             device=None,
             dtype=None,
     ):
         super().__init__()
-        self.digest_grid = tuple(digest_grid)
-        num_digest = digest_grid[0] * digest_grid[1]
+        self.grid_size = tuple(grid_size)
+        num_digest = grid_size[0] * grid_size[1]
         self.scale = nn.Parameter(torch.ones(depth, num_digest, device=device, dtype=dtype)) if scale else None
         self.norm = norm_layer(dim, device=device, dtype=dtype)
 
@@ -164,25 +165,27 @@ class DigestCalibration(nn.Module):
         if self.scale is not None:
             nn.init.ones_(self.scale)
 
-    def set_grid_size(self, digest_grid: Grid) -> None:
+    def set_grid_size(self, grid_size: Grid) -> None:
         if self.scale is not None:
-            self.scale = resized_parameter(self.scale, self.digest_grid, digest_grid)
-        self.digest_grid = tuple(digest_grid)
+            self.scale = resized_parameter(self.scale, self.grid_size, grid_size)
+        self.grid_size = tuple(grid_size)
 
-    def forward(self, digests: torch.Tensor, digest_grid: Grid) -> torch.Tensor:
+    def forward(self, digests: torch.Tensor, grid_size: Grid) -> torch.Tensor:
         if self.scale is not None:
-            scale = self.scale if digest_grid == self.digest_grid else self._resampled_scale(digest_grid)
+            scale = self.scale if grid_size == self.grid_size else self._resampled_scale(grid_size)
             digests = digests * scale.reshape(1, -1, 1)
         return self.norm(digests)
 
     @torch.jit.unused
-    def _resampled_scale(self, digest_grid: Grid) -> torch.Tensor:
-        return resize_token_grid(self.scale, self.digest_grid, digest_grid)
+    def _resampled_scale(self, grid_size: Grid) -> torch.Tensor:
+        return resize_token_grid(self.scale, self.grid_size, grid_size)
 
 
 # The learned tables laid out on a token grid, by the class that holds them: the parameter's name, and whether it
 # lies on the digest grid of the block (depth biases, digest scales) rather than on its token grid (position
-# biases). The one place that names them: `table_grids` (checkpoint resampling) and `no_weight_decay` walk it.
+# biases). Each holder keeps its table's grid (`grid_size`) and resamples it (`set_grid_size`); the one place that
+# names the tables: `table_owners` walks it for `set_input_size`, `table_grids` (checkpoint resampling) and
+# `no_weight_decay`.
 GRID_TABLES: Dict[Type[nn.Module], Tuple[str, bool]] = {
     GridPosBias: ('attention_biases', False),
     ClassTokenRelPosBias: ('relative_position_bias_table', False),
@@ -191,13 +194,30 @@ GRID_TABLES: Dict[Type[nn.Module], Tuple[str, bool]] = {
 }
 
 
-def grid_tables(module: nn.Module) -> Iterator[Tuple[str, bool]]:
-    """Each grid-laid table in `module`: its state-dict name relative to `module`, and whether it lies on the
-    digest grid."""
-    for name, submodule in module.named_modules():
-        table = GRID_TABLES.get(type(submodule))
-        if table is not None and getattr(submodule, table[0]) is not None:
-            yield (f'{name}.{table[0]}' if name else table[0]), table[1]
+def table_owners(module: nn.Module, grid_size: Grid) -> Iterator[Tuple[str, nn.Module, Grid]]:
+    """Each module in `module` that holds a grid-laid table, by name, with the grid its table takes when the tokens
+    of `module` lie on `grid_size`."""
+    for name, owner in module.named_modules():
+        table = GRID_TABLES.get(type(owner))
+        if table is not None:
+            yield name, owner, digest_grid_size(grid_size) if table[1] else grid_size
+
+
+def table_names(owners: Iterable[Tuple[str, nn.Module, Grid]]) -> Iterator[Tuple[str, Grid]]:
+    """The state-dict name of each owner's table (none for absent digest scales) and its grid."""
+    for name, owner, grid in owners:
+        param = GRID_TABLES[type(owner)][0]
+        if getattr(owner, param) is not None:
+            yield f'{name}.{param}' if name else param, grid
+
+
+def resize_tables(model: nn.Module, owners: Iterable[Tuple[str, nn.Module, Grid]]) -> None:
+    """Resample each owner's table to its grid, then rebuild the index buffers that follow the grids."""
+    for _, owner, grid in owners:
+        owner.set_grid_size(grid)
+    for module in model.modules():
+        if isinstance(module, CrossBlockAttention):
+            module.init_non_persistent_buffers()
 
 
 class CrossBlockAttention(nn.Module):
@@ -210,7 +230,7 @@ class CrossBlockAttention(nn.Module):
     of O(N W) entries (`bias_index`) gives the position bias's row table and the depth biases in key order, and
     windows of the row table give the position bias (`layers.relative_position_bias`): the fastest layout on CPU.
     Where the tables get gradients, one gather with an index of the whole bias (`bias_positions`, int32, built
-    once for the module's grid by the same layout) replaces it, as its backward takes fewer and larger ops. Past
+    once for the position table's grid by the same layout) replaces it, as its backward takes fewer and larger ops. Past
     `max_bias_elements` the queries are taken in chunks of grid rows, so that a large input never holds the whole
     (heads, N, N + digests) bias.
     """
@@ -221,7 +241,6 @@ class CrossBlockAttention(nn.Module):
             dim: int,
             num_heads: int,
             pos_bias: nn.Module,
-            grid_size: Grid,
             depth_bias: Optional[RelativeDepthBias] = None,
             qkv_bias: bool = True,
             attn_drop: float = 0.,
@@ -238,27 +257,19 @@ class CrossBlockAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
         self.max_bias_elements = MAX_BIAS_ELEMENTS
-        self.grid_size = tuple(grid_size)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.pos_bias = pos_bias
         self.depth_bias = depth_bias
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.register_buffer('bias_index', self._bias_index(self.grid_size, device), persistent=False)
+        self.register_buffer('bias_index', self._bias_index(pos_bias.grid_size, device), persistent=False)
         self.register_buffer('bias_positions', self._bias_positions(), persistent=False)
 
     def init_non_persistent_buffers(self) -> None:
-        self.bias_index = self._bias_index(self.grid_size, self.bias_index.device)
+        """The index buffers for the grid of the position table (after construction on meta, or a resize)."""
+        self.bias_index = self._bias_index(self.pos_bias.grid_size, self.bias_index.device)
         self.bias_positions = self._bias_positions()
-
-    def set_grid_size(self, grid_size: Grid) -> None:
-        """Resample the position bias to a token grid and the depth bias to its digest grid."""
-        self.grid_size = tuple(grid_size)
-        self.pos_bias.set_window_size(grid_size)
-        if self.depth_bias is not None:
-            self.depth_bias.set_grid_size(digest_grid_size(grid_size))
-        self.init_non_persistent_buffers()
 
     def _tables(self, grid_size: Grid) -> torch.Tensor:
         """(heads, entries): the position table, then the depth table."""
@@ -282,12 +293,13 @@ class CrossBlockAttention(nn.Module):
         return torch.cat(index) if len(index) > 1 else index[0]
 
     def _bias_positions(self) -> torch.Tensor:
-        """(queries, padded keys) entry of `_tables()` at each place of the bias on the module's grid."""
-        entries = self.pos_bias.num_entries(self.grid_size)
+        """(queries, padded keys) entry of `_tables()` at each place of the bias on the position table's grid."""
+        grid_size = self.pos_bias.grid_size
+        entries = self.pos_bias.num_entries(grid_size)
         if self.depth_bias is not None:
             entries += self.depth_bias.bias[0].numel()
         table = torch.arange(entries, dtype=torch.int32, device=self.bias_index.device)[None]
-        return self._layout(table, self.grid_size, (0, self.grid_size[0]), self.bias_index)[0]
+        return self._layout(table, grid_size, (0, grid_size[0]), self.bias_index)[0]
 
     def num_keys(self, grid_size: Grid) -> int:
         """Prefix tokens, tokens on `grid_size` and the digests of the earlier blocks."""
@@ -347,12 +359,13 @@ class CrossBlockAttention(nn.Module):
         """
         table = self._tables(grid_size).to(dtype)
         gather = table.requires_grad if torch.jit.is_scripting() else _gather_whole_bias(table)
-        if grid_size == self.grid_size and gather:
+        own_grid = grid_size == self.pos_bias.grid_size
+        if own_grid and gather:
             start, end = self.query_range(rows, grid_size[1])
             positions = self.bias_positions[start:end]
             bias = table.index_select(1, positions.flatten()).view(self.num_heads, -1, positions.shape[1])
         else:
-            index = self.bias_index if grid_size == self.grid_size else self._bias_index(grid_size, table.device)
+            index = self.bias_index if own_grid else self._bias_index(grid_size, table.device)
             bias = self._layout(table, grid_size, rows, index)
         bias = bias[:, :, :self.num_keys(grid_size)]
         return bias if not torch.jit.is_scripting() and _exporting_onnx() else bias.unsqueeze(0)
@@ -457,29 +470,18 @@ class CabViTBlock(nn.Module):
 
         self.norm1 = norm_layer(dim, **dd)
         self.attn = CrossBlockAttention(
-            dim, num_heads, pos_bias, grid_size, depth_bias, qkv_bias=qkv_bias, attn_drop=attn_drop,
+            dim, num_heads, pos_bias, depth_bias, qkv_bias=qkv_bias, attn_drop=attn_drop,
             proj_drop=proj_drop, **dd)
         self.ls1 = LayerScale(dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
         self.tme = TokenMergeEnhance(
-            dim, grid_size, merge=merge and cross_block, enhance=tme_enhance, num_prefix_tokens=num_prefix_tokens, **dd)
+            dim, merge=merge and cross_block, enhance=tme_enhance, num_prefix_tokens=num_prefix_tokens, **dd)
 
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = PreNormMlp(dim, int(dim * mlp_ratio), act_layer, norm_layer, drop=proj_drop, **dd)
         self.ls2 = LayerScale(dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def set_grid_size(self, grid_size: Grid) -> None:
-        self.attn.set_grid_size(grid_size)
-        if self.digest_calib is not None:
-            self.digest_calib.set_grid_size(digest_grid_size(grid_size))
-        self.tme.set_grid_size(grid_size)
-
-    def table_grids(self, grid_size: Grid) -> Dict[str, Grid]:
-        """The grid each of the block's tables is laid out on when its tokens form `grid_size`, by parameter name."""
-        digest_grid = digest_grid_size(grid_size)
-        return {name: digest_grid if on_digests else grid_size for name, on_digests in grid_tables(self)}
 
     def forward(
             self, x: torch.Tensor, digests: Optional[torch.Tensor], grid_size: Grid,
@@ -521,12 +523,9 @@ class CabViTBlocks(nn.ModuleList):
             for i in range(depth)
         ])
 
-    def set_grid_size(self, grid_size: Grid) -> None:
-        for block in self:
-            block.set_grid_size(grid_size)
-
-    def table_grids(self, grid_size: Grid) -> Dict[str, Grid]:
-        return {f'{i}.{k}': g for i, block in enumerate(self) for k, g in block.table_grids(grid_size).items()}
+    def grid_size(self) -> Grid:
+        """The token grid of the blocks, as their position tables hold it."""
+        return self[0].attn.pos_bias.grid_size
 
     def truncate(self, num_blocks: int) -> 'CabViTBlocks':
         """The first `num_blocks` blocks; the last of them leaves no digests, as no later block reads them."""
@@ -608,12 +607,6 @@ class ConvStage(nn.Module):
             for i in range(depth)
         ])
 
-    def set_grid_size(self, grid_size: Grid) -> None:
-        """Convolutions work at any size."""
-
-    def table_grids(self, grid_size: Grid) -> Dict[str, Grid]:
-        return {}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -645,25 +638,19 @@ class CabViTStage(nn.Module):
         super().__init__()
         self.grad_checkpointing = False
         self.dynamic_img_size = dynamic_img_size
-        self.grid_size = grid_size
         self.downsample = Downsample(
             in_chs, out_chs, act_layer=act_layer, device=device, dtype=dtype) if downsample else nn.Identity()
         self.blocks = CabViTBlocks.build(
             out_chs, depth, num_heads, grid_size, drop_path, act_layer=act_layer, device=device, dtype=dtype,
             **block_kwargs)
 
-    def set_grid_size(self, grid_size: Grid) -> None:
-        self.grid_size = grid_size
-        self.blocks.set_grid_size(grid_size)
-
-    def table_grids(self, grid_size: Grid) -> Dict[str, Grid]:
-        return {f'blocks.{k}': g for k, g in self.blocks.table_grids(grid_size).items()}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         B, C, H, W = x.shape
-        # the stage's own grid unless another one comes: static ints for FX and for exports traced at that size
-        grid_size = (H, W) if self.dynamic_img_size and (H, W) != self.grid_size else self.grid_size
+        # the blocks' own grid unless another one comes: static ints for FX and for exports traced at that size
+        grid_size = self.blocks.grid_size()
+        if self.dynamic_img_size and (H, W) != grid_size:
+            grid_size = (H, W)
         x, _ = self.blocks(x.flatten(2).transpose(1, 2), grid_size, self.grad_checkpointing)
         return x.transpose(1, 2).reshape(B, C, H, W)
 
@@ -792,15 +779,21 @@ class CabViT(nn.Module):
             grids.append(size)
         return grids
 
+    @torch.jit.ignore
+    def table_owners(self, img_size: Grid) -> Iterator[Tuple[str, nn.Module, Grid]]:
+        """Each module holding a grid-laid table, with the grid its table takes at `img_size`."""
+        for i, (stage, grid) in enumerate(zip(self.stages, self.token_grids(img_size, len(self.stages)))):
+            for name, owner, table_grid in table_owners(stage, grid):
+                yield f'stages.{i}.{name}', owner, table_grid
+
+    @torch.jit.ignore
     def table_grids(self, img_size: Optional[Grid] = None) -> Dict[str, Grid]:
         """The grid each bias or scale table is laid out on at `img_size` (the model's own if None), by key."""
-        grids = self.token_grids(img_size or self.img_size, len(self.stages))
-        return {f'stages.{i}.{k}': g for i, (stage, grid) in enumerate(zip(self.stages, grids))
-                for k, g in stage.table_grids(grid).items()}
+        return dict(table_names(self.table_owners(img_size or self.img_size)))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {name for name, _ in grid_tables(self)}
+        return set(self.table_grids())
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -837,8 +830,7 @@ class CabViT(nn.Module):
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
         """Rebuild the bias tables for another input size (bicubic resampling of the learned ones)."""
         self.img_size = check_img_size(img_size, self.min_img_size, 'CabViT-H')
-        for stage, grid in zip(self.stages, self.token_grids(self.img_size, len(self.stages))):
-            stage.set_grid_size(grid)
+        resize_tables(self, self.table_owners(self.img_size))
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype if torch.jit.is_scripting() else self._input_dtype()
@@ -1003,14 +995,20 @@ class CabViTPlain(nn.Module):
         """The patch grid, the one token grid of the model."""
         return [(img_size[0] // self.patch_embed.patch_size[0], img_size[1] // self.patch_embed.patch_size[1])]
 
+    @torch.jit.ignore
+    def table_owners(self, img_size: Grid) -> Iterator[Tuple[str, nn.Module, Grid]]:
+        """Each module holding a grid-laid table, with the grid its table takes at `img_size`."""
+        for name, owner, grid in table_owners(self.blocks, self.token_grids(img_size)[0]):
+            yield f'blocks.{name}', owner, grid
+
+    @torch.jit.ignore
     def table_grids(self, img_size: Optional[Grid] = None) -> Dict[str, Grid]:
         """The grid each bias or scale table is laid out on at `img_size` (the model's own if None), by key."""
-        grid = self.token_grids(img_size or self.img_size)[0]
-        return {f'blocks.{k}': g for k, g in self.blocks.table_grids(grid).items()}
+        return dict(table_names(self.table_owners(img_size or self.img_size)))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {'cls_token'} | {name for name, _ in grid_tables(self)}
+        return {'cls_token'} | set(self.table_grids())
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -1044,7 +1042,7 @@ class CabViTPlain(nn.Module):
         """Rebuild the patch grid's bias tables for another input size (resampling the learned ones)."""
         self.img_size = check_img_size(img_size, self.min_img_size, 'CabViT-P')
         self.patch_embed.set_input_size(img_size=self.img_size)
-        self.blocks.set_grid_size(self.patch_embed.grid_size)
+        resize_tables(self, self.table_owners(self.img_size))
 
     def _forward_tokens(
             self, x: torch.Tensor, take_indices: Optional[List[int]] = None, stop_index: int = -1,

@@ -229,35 +229,35 @@ def relative_position_bias(row_table: torch.Tensor, grid_size: Grid, rows: Tuple
 class GridPosBias(nn.Module):
     """LeViT-style position bias: one learnable value per head and absolute offset (|dy|, |dx|) on the grid.
 
-    `window_size` and `set_window_size` are named as in timm's RelPosBias. The attention gathers its row table
-    (`relative_position_bias`) from `table()` with `bias_index()`: no (N, N) index.
+    `grid_size` is the token grid the table is laid out on, the one place it is kept. The attention gathers its row
+    table (`relative_position_bias`) from `table()` with `bias_index()`: no (N, N) index.
     """
 
-    def __init__(self, num_heads: int, window_size: Grid, device=None, dtype=None):
+    def __init__(self, num_heads: int, grid_size: Grid, device=None, dtype=None):
         super().__init__()
         self.num_prefix_tokens = 0
-        self.window_size = tuple(window_size)
+        self.grid_size = tuple(grid_size)
         self.attention_biases = nn.Parameter(
-            torch.zeros(num_heads, window_size[0] * window_size[1], device=device, dtype=dtype))
+            torch.zeros(num_heads, grid_size[0] * grid_size[1], device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.attention_biases)
 
-    def set_window_size(self, window_size: Grid) -> None:
-        if tuple(window_size) == self.window_size:
+    def set_grid_size(self, grid_size: Grid) -> None:
+        if tuple(grid_size) == self.grid_size:
             return
-        self.attention_biases = resized_parameter(self.attention_biases, self.window_size, window_size)
-        self.window_size = tuple(window_size)
+        self.attention_biases = resized_parameter(self.attention_biases, self.grid_size, grid_size)
+        self.grid_size = tuple(grid_size)
 
     def table(self, grid_size: Grid) -> torch.Tensor:
         """(heads, entries) for tokens on `grid_size`; for another grid than the table's, the resampled table."""
-        if grid_size == self.window_size:
+        if grid_size == self.grid_size:
             return self.attention_biases
         return self._resampled_table(grid_size)
 
     @torch.jit.unused
     def _resampled_table(self, grid_size: Grid) -> torch.Tensor:
-        return resize_token_grid(self.attention_biases, self.window_size, grid_size)
+        return resize_token_grid(self.attention_biases, self.grid_size, grid_size)
 
     def num_entries(self, grid_size: Grid) -> int:
         return grid_size[0] * grid_size[1]
@@ -272,14 +272,14 @@ class ClassTokenRelPosBias(nn.Module):
 
     The table is timm's RelPosBias layout, ((2H - 1) (2W - 1) + 3, heads): offsets (dy + H - 1, dx + W - 1)
     row-major, then class token to tokens, tokens to class token, class token to itself. It is resampled for
-    another grid as by timm's `set_window_size`, but for non-square windows too. No (N, N) index is kept.
+    another grid as by timm's `resize_rel_pos_bias_table`, but for non-square grids too. No (N, N) index is kept.
     """
 
-    def __init__(self, window_size: Grid, num_heads: int, device=None, dtype=None):
+    def __init__(self, grid_size: Grid, num_heads: int, device=None, dtype=None):
         super().__init__()
         self.num_prefix_tokens = 1
-        self.window_size = tuple(window_size)
-        num_offsets = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+        self.grid_size = tuple(grid_size)
+        num_offsets = (2 * grid_size[0] - 1) * (2 * grid_size[1] - 1)
         self.relative_position_bias_table = nn.Parameter(
             torch.empty(num_offsets + 3, num_heads, device=device, dtype=dtype))
         self.reset_parameters()
@@ -287,25 +287,25 @@ class ClassTokenRelPosBias(nn.Module):
     def reset_parameters(self) -> None:
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
-    def set_window_size(self, window_size: Grid) -> None:
-        window_size = tuple(window_size)
-        if window_size == self.window_size:
+    def set_grid_size(self, grid_size: Grid) -> None:
+        grid_size = tuple(grid_size)
+        if grid_size == self.grid_size:
             return
         with torch.no_grad():
-            table = resize_rel_pos_table(self.relative_position_bias_table, self.window_size, window_size)
+            table = resize_rel_pos_table(self.relative_position_bias_table, self.grid_size, grid_size)
         self.relative_position_bias_table = nn.Parameter(
             table, requires_grad=self.relative_position_bias_table.requires_grad)
-        self.window_size = window_size
+        self.grid_size = grid_size
 
     def table(self, grid_size: Grid) -> torch.Tensor:
         """(heads, entries) for tokens on `grid_size`; for another grid than the table's, the resampled table."""
-        if grid_size == self.window_size:
+        if grid_size == self.grid_size:
             return self.relative_position_bias_table.t()
         return self._resampled_table(grid_size).t()
 
     @torch.jit.unused
     def _resampled_table(self, grid_size: Grid) -> torch.Tensor:
-        return resize_rel_pos_table(self.relative_position_bias_table, self.window_size, grid_size)
+        return resize_rel_pos_table(self.relative_position_bias_table, self.grid_size, grid_size)
 
     def num_entries(self, grid_size: Grid) -> int:
         return (2 * grid_size[0] - 1) * (2 * grid_size[1] - 1) + 3

@@ -109,7 +109,6 @@ class TokenMergeEnhance(nn.Module):
     def __init__(
             self,
             dim: int,
-            grid_size: Grid,
             merge: bool = True,
             enhance: bool = True,
             num_prefix_tokens: int = 0,
@@ -118,7 +117,6 @@ class TokenMergeEnhance(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.grid_size = grid_size
         self.num_prefix_tokens = num_prefix_tokens
         self.merge = nn.Conv2d(
             dim, dim, 7, stride=MERGE_STRIDE, padding=3, groups=dim, bias=False, **dd) if merge else None
@@ -133,9 +131,6 @@ class TokenMergeEnhance(nn.Module):
     def set_impl(self, impl: Optional[str]) -> None:
         """This module's implementation: 'auto', 'triton', 'torch', or None for the module-level setting."""
         self.tme_impl = impl if impl is None else _check_tme_impl(impl)
-
-    def set_grid_size(self, grid_size: Grid) -> None:
-        self.grid_size = grid_size
 
     def remove_merge(self) -> None:
         """Drop the merge branch: a block whose digests no later block reads (DDP wants every parameter used)."""
@@ -184,19 +179,16 @@ class TokenMergeEnhance(nn.Module):
             x, self.enhance.conv.weight, self.merge.weight if self.merge is not None else None, self.enhance.bn,
             grid_size, self.num_prefix_tokens)
 
-    def forward(
-            self, x: torch.Tensor, grid_size: Optional[Grid] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Enhanced tokens and digests of tokens on `grid_size` (the module's own grid if None)."""
-        grid = self.grid_size if grid_size is None else grid_size
+    def forward(self, x: torch.Tensor, grid_size: Grid) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Enhanced tokens and digests of tokens on `grid_size` (the TME holds no grid: any grid, no resizing)."""
         if not torch.jit.is_scripting() and self._use_triton(x):
-            return self._forward_triton(x, grid)
+            return self._forward_triton(x, grid_size)
         B, N, C = x.shape
         prefix, tokens = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
-        x_map = tokens.transpose(1, 2).reshape(B, C, grid[0], grid[1])
+        x_map = tokens.transpose(1, 2).reshape(B, C, grid_size[0], grid_size[1])
         digest = None
         if self.merge is not None:
-            narrow = not torch.jit.is_scripting() and self._narrow_on_cpu(x_map, grid)
+            narrow = not torch.jit.is_scripting() and self._narrow_on_cpu(x_map, grid_size)
             digest = (self._merge_float32(x_map) if narrow else self.merge(x_map)).flatten(2).transpose(1, 2)
         if self.enhance is None:
             return x, digest
