@@ -307,6 +307,23 @@ def test_each_table_keeps_its_grid_and_no_other_module_stores_one(model_name):
         assert torch.equal(attn_resized.bias_positions, attn_built.bias_positions)
 
 
+def test_only_the_model_file_spells_the_tables_state_dict_names():
+    """Renaming a submodule that holds a table is a change to cabvit.py alone."""
+    import re
+    from pathlib import Path
+
+    import timm_cabvit
+
+    models = [timm.create_model(name, device='meta') for name in ('cabvit_h_l1', 'cabvit_p_l0')]
+    members = {re.sub(r'^(stages\.\d+\.)?blocks\.\d+\.', '', key) for m in models for key in m.table_grids()}
+    assert members == {'attn.pos_bias.attention_biases', 'attn.pos_bias.relative_position_bias_table',
+                       'attn.depth_bias.bias', 'digest_calib.scale'}
+    package = Path(timm_cabvit.__file__).parent
+    for path in package.rglob('*.py'):
+        if path.name != 'cabvit.py':
+            assert not [m for m in members if m in path.read_text()], path
+
+
 def test_checkpoint_at_224_loads_at_384():
     source = timm.create_model('cabvit_h_l1')
     target = timm.create_model('cabvit_h_l1', img_size=384).eval()

@@ -58,8 +58,9 @@ from .tme import TokenMergeEnhance, set_tme_impl
 from .weights import (
     check_fits,
     checkpoint_metadata,
-    fit_tables,
-    load_state_dict_pre_hook,
+    fits_grids,
+    resample_tables,
+    saved_img_size,
     unwrap_checkpoint,
 )
 
@@ -1133,12 +1134,118 @@ class CabViTPlain(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+# Checkpoints: the reference layout, and the one rule of every load
+
+def is_reference_layout(state_dict: Dict[str, Any]) -> bool:
+    """Keys of the authors' reference implementation (its stem, stages and head are named differently)."""
+    return any(k.startswith(('patch_embed.seq.', 'layer_', 'norm_head.')) for k in state_dict)
+
+
+# Block members of the reference implementation and ours: ConvNeXt blocks (stages 1-2), then CabViT blocks.
+_REFERENCE_BLOCK_KEYS = {
+    'dwconv': 'conv_dw', 'pwconv1': 'mlp.fc1', 'pwconv2': 'mlp.fc2',
+    'gamma_1': 'ls1.gamma', 'gamma_2': 'ls2.gamma',
+    'attention_biases': 'attn.pos_bias.attention_biases',
+    's_token_bias': 'attn.depth_bias.bias', 's_scale_factors': 'digest_calib.scale', 's_norm': 'digest_calib.norm',
+    'qkv': 'attn.qkv', 'proj': 'attn.proj',
+    'dw_conv': 'tme.merge', 'local_conv.c': 'tme.enhance.conv', 'local_conv.bn': 'tme.enhance.bn',
+    'mlp.norm': 'mlp.pre_norm',
+}
+
+
+def convert_reference(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename the reference implementation's keys to ours and lay out its digest tables as ours.
+
+    Its downsample layers belong to the stage before them (ours to the stage after). Its block j keeps the depth
+    biases (1, heads, 1, j * S) and digest scales (1, j * S, 1) of the digests in key order, oldest block first;
+    ours are (heads, j, S) indexed by relative depth, previous block first, and (j, S) oldest first.
+    Unknown keys keep their names, so that the fit check reports them.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        parts = k.split('.')
+        if k.startswith('patch_embed.seq.') and len(parts) == 5 and parts[2].isdigit():
+            k = f'stem.{int(parts[2]) // 2}.{"conv" if parts[3] == "c" else parts[3]}.{parts[4]}'
+        elif k.startswith('norm_head.'):
+            k = 'head.norm.' + k[len('norm_head.'):]
+        elif k in ('head.weight', 'head.bias'):
+            k = 'head.fc.' + parts[1]
+        elif parts[0].startswith('layer_') and parts[0][len('layer_'):].isdigit() and len(parts) > 3:
+            stage = int(parts[0][len('layer_'):])
+            if parts[1] == 'downsample' and len(parts) == 5:
+                k = f'stages.{stage + 1}.downsample.{parts[2]}.{"conv" if parts[3] == "c" else parts[3]}.{parts[4]}'
+            elif parts[1] == 'blocks' and parts[2].isdigit():
+                k, v = _convert_reference_block(f'stages.{stage}.blocks.{parts[2]}.', int(parts[2]), parts[3:], v)
+        out[k] = v
+    return out
+
+
+def _convert_reference_block(
+        prefix: str, block_idx: int, member: List[str], value: torch.Tensor) -> Tuple[str, torch.Tensor]:
+    """One key of a reference block: the longest known member name is renamed, digest tables laid out as ours."""
+    for n in range(len(member), 0, -1):
+        name = '.'.join(member[:n])
+        if name in _REFERENCE_BLOCK_KEYS:
+            member = _REFERENCE_BLOCK_KEYS[name].split('.') + member[n:]
+            break
+    key = prefix + '.'.join(member)
+    if block_idx and key.endswith('attn.depth_bias.bias') and value.ndim == 4 and value.shape[-1] % block_idx == 0:
+        value = value.reshape(value.shape[1], block_idx, -1).flip(1)
+    elif block_idx and key.endswith('digest_calib.scale') and value.ndim == 3 and value.shape[1] % block_idx == 0:
+        value = value.reshape(block_idx, -1)
+    return key, value
+
+
+def fit_tables(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        img_size: Optional[Grid] = None,
+        warn_unrecorded: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """The state dict in our layout with its tables on the model's grids: the one rule of every load.
+
+    The authors' reference layout is converted; tables saved for another input size are resampled from the grids
+    of the size the checkpoint was trained at: `img_size` where the checkpoint records it, else as
+    `saved_img_size` tells. Tables that fit no size are left for the fit check to report. `warn_unrecorded`: warn
+    where tables that fit a non-square model's own grids could be those of the transposed size (a file of unknown
+    origin), not for a state dict of the model's own (a resumed run).
+    """
+    if is_reference_layout(state_dict):
+        state_dict = convert_reference(state_dict)
+    if img_size is None and not warn_unrecorded and fits_grids(state_dict, model.table_grids()):
+        return state_dict
+    source_size = saved_img_size(state_dict, model, img_size)
+    if source_size is None:
+        return state_dict
+    return resample_tables(state_dict, model.table_grids(source_size), model.table_grids())
+
+
+def load_state_dict_pre_hook(model: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """`load_state_dict` pre-hook of the CabViT models: every path that loads a state dict (timm's
+    `checkpoint_path=`, `load_checkpoint`, train.py `--resume`, a plain `model.load_state_dict`) follows
+    `fit_tables`, and a state dict with weights of other shapes, or NaN or inf, is refused before any weight is
+    copied, with one error that says how to build the model it fits. Missing and unexpected keys are left to
+    `load_state_dict` (torch does not tell its hooks whether the load is strict).
+
+    The state dict is edited in place, as torch's own hooks do: a converted or resampled one replaces the model's
+    keys under `prefix`.
+    """
+    own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    fitted = fit_tables(own, model)
+    source = "The state dict loaded into it (load_state_dict; timm's checkpoint_path= and load_checkpoint use it)"
+    check_fits(fitted, model, source=source, strict=False, pretrained=False)
+    if fitted is not own:
+        for k in own:
+            del state_dict[prefix + k]
+        state_dict.update({prefix + k: v for k, v in fitted.items()})
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map any checkpoint of a CabViT model to this model's keys and token grids, or say why it does not fit.
 
     Accepts our own state dict, timm train.py checkpoints (EMA weights first, as timm's `load_state_dict`) with
     DDP / torch.compile prefixes, and the authors' reference layout. Tables saved at another input size are
-    resampled from the grids of the size the checkpoint records (`weights.fit_tables`, the rule the models'
+    resampled from the grids of the size the checkpoint records (`fit_tables`, the rule the models'
     `load_state_dict` follows too). The classifier and first conv are left to timm's `load_pretrained`, which drops
     or adapts them.
     """

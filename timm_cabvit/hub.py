@@ -31,12 +31,11 @@ from huggingface_hub.errors import (
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 from timm.models._hub import generate_readme
 
+from .cabvit import convert_reference, is_reference_layout
 from .weights import (
     CheckpointError,
     check_checkpoint_file,
     checkpoint_metadata,
-    convert_reference,
-    is_reference_layout,
     read_checkpoint,
     saved_img_size,
     unwrap_checkpoint,

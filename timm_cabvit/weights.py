@@ -1,21 +1,20 @@
-""" Checkpoints of CabViT models: reading files, other layouts, tables saved for other input sizes, and the fit check
+""" Checkpoints of CabViT models: reading files, tables saved for other input sizes, and the fit check
 
-Everything `checkpoint_filter_fn` (in `cabvit.py`) and the Hub code need to turn a checkpoint into the state dict
-of a given model, or to say precisely why it cannot be one:
+What `checkpoint_filter_fn` and the models' `load_state_dict` pre-hook (in `cabvit.py`, with the reference layout)
+and the Hub code need to turn a checkpoint into the state dict of a given model, or to say precisely why it cannot
+be one:
 
 - reading a file once (`read_checkpoint`), with errors that name it when it is missing, truncated or not a
   checkpoint at all, and the input size it was trained at where the file records it (`checkpoint_metadata`);
-- unwrapping timm train.py checkpoints (EMA weights first, DDP / torch.compile prefixes) and converting the authors'
-  reference layout (`unwrap_checkpoint`, `convert_reference`);
+- unwrapping timm train.py checkpoints (EMA weights first, DDP / torch.compile prefixes: `unwrap_checkpoint`);
 - resampling the position biases, depth biases and digest scales saved for another token grid (`resample_tables`),
   by grid shape: the grids come from the input size the checkpoint was trained at (`saved_img_size`);
-- the fit check (`check_fits`): all keys and shapes, finite floating point values, never a partial load;
-- the one rule of every load (`fit_tables`), which `checkpoint_filter_fn` and the models' `load_state_dict`
-  pre-hook (`load_state_dict_pre_hook`) both follow.
+- the fit check (`check_fits`): all keys and shapes, finite floating point values, never a partial load.
 
 A model takes part through two attributes: `pretrained_cfg` (timm's) and `table_grids(img_size)`, the grid each
-of its tables is laid out on, keyed by state-dict name. This module imports no model code; the geometry of
-resampling is in `layers.py`.
+of its tables is laid out on, keyed by state-dict name. This module imports no model code and names none of its
+tables (but timm's `relative_position_bias_table`, whose layout is timm's); the geometry of resampling is in
+`layers.py`.
 """
 import argparse
 import io
@@ -38,8 +37,7 @@ from .layers import resize_rel_pos_table, resize_token_grid
 
 __all__ = [
     'CheckpointError', 'CheckpointMismatchError', 'check_checkpoint_file', 'check_fits', 'checkpoint_metadata',
-    'convert_reference', 'fit_tables', 'is_reference_layout', 'load_state_dict_pre_hook',
-    'parse_img_size', 'read_checkpoint', 'resample_tables', 'saved_img_size', 'unwrap_checkpoint',
+    'fits_grids', 'parse_img_size', 'read_checkpoint', 'resample_tables', 'saved_img_size', 'unwrap_checkpoint',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -291,66 +289,6 @@ def unwrap_checkpoint(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def is_reference_layout(state_dict: Dict[str, Any]) -> bool:
-    """Keys of the authors' reference implementation (its stem, stages and head are named differently)."""
-    return any(k.startswith(('patch_embed.seq.', 'layer_', 'norm_head.')) for k in state_dict)
-
-
-# Block members of the reference implementation and ours: ConvNeXt blocks (stages 1-2), then CabViT blocks.
-_REFERENCE_BLOCK_KEYS = {
-    'dwconv': 'conv_dw', 'pwconv1': 'mlp.fc1', 'pwconv2': 'mlp.fc2',
-    'gamma_1': 'ls1.gamma', 'gamma_2': 'ls2.gamma',
-    'attention_biases': 'attn.pos_bias.attention_biases',
-    's_token_bias': 'attn.depth_bias.bias', 's_scale_factors': 'digest_calib.scale', 's_norm': 'digest_calib.norm',
-    'qkv': 'attn.qkv', 'proj': 'attn.proj',
-    'dw_conv': 'tme.merge', 'local_conv.c': 'tme.enhance.conv', 'local_conv.bn': 'tme.enhance.bn',
-    'mlp.norm': 'mlp.pre_norm',
-}
-
-
-def convert_reference(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename the reference implementation's keys to ours and lay out its digest tables as ours.
-
-    Its downsample layers belong to the stage before them (ours to the stage after). Its block j keeps the depth
-    biases (1, heads, 1, j * S) and digest scales (1, j * S, 1) of the digests in key order, oldest block first;
-    ours are (heads, j, S) indexed by relative depth, previous block first, and (j, S) oldest first.
-    Unknown keys keep their names, so that the fit check reports them.
-    """
-    out = {}
-    for k, v in state_dict.items():
-        parts = k.split('.')
-        if k.startswith('patch_embed.seq.') and len(parts) == 5 and parts[2].isdigit():
-            k = f'stem.{int(parts[2]) // 2}.{"conv" if parts[3] == "c" else parts[3]}.{parts[4]}'
-        elif k.startswith('norm_head.'):
-            k = 'head.norm.' + k[len('norm_head.'):]
-        elif k in ('head.weight', 'head.bias'):
-            k = 'head.fc.' + parts[1]
-        elif parts[0].startswith('layer_') and parts[0][len('layer_'):].isdigit() and len(parts) > 3:
-            stage = int(parts[0][len('layer_'):])
-            if parts[1] == 'downsample' and len(parts) == 5:
-                k = f'stages.{stage + 1}.downsample.{parts[2]}.{"conv" if parts[3] == "c" else parts[3]}.{parts[4]}'
-            elif parts[1] == 'blocks' and parts[2].isdigit():
-                k, v = _convert_reference_block(f'stages.{stage}.blocks.{parts[2]}.', int(parts[2]), parts[3:], v)
-        out[k] = v
-    return out
-
-
-def _convert_reference_block(
-        prefix: str, block_idx: int, member: List[str], value: torch.Tensor) -> Tuple[str, torch.Tensor]:
-    """One key of a reference block: the longest known member name is renamed, digest tables laid out as ours."""
-    for n in range(len(member), 0, -1):
-        name = '.'.join(member[:n])
-        if name in _REFERENCE_BLOCK_KEYS:
-            member = _REFERENCE_BLOCK_KEYS[name].split('.') + member[n:]
-            break
-    key = prefix + '.'.join(member)
-    if block_idx and key.endswith('attn.depth_bias.bias') and value.ndim == 4 and value.shape[-1] % block_idx == 0:
-        value = value.reshape(value.shape[1], block_idx, -1).flip(1)
-    elif block_idx and key.endswith('digest_calib.scale') and value.ndim == 3 and value.shape[1] % block_idx == 0:
-        value = value.reshape(block_idx, -1)
-    return key, value
-
-
 # Tables saved for other token grids
 
 def _is_rel_pos_table(key: str) -> bool:
@@ -358,7 +296,7 @@ def _is_rel_pos_table(key: str) -> bool:
     return key.endswith('relative_position_bias_table')
 
 
-def _fits_grids(state_dict: Dict[str, torch.Tensor], grids: Dict[str, Grid]) -> bool:
+def fits_grids(state_dict: Dict[str, torch.Tensor], grids: Dict[str, Grid]) -> bool:
     """Whether every table of the checkpoint has as many entries as its grid under `grids`."""
     for key, (h, w) in grids.items():
         value = state_dict.get(key)
@@ -401,9 +339,9 @@ def saved_img_size(
     candidates = [img_size, tuple(cfg['input_size'][-2:]) if cfg.get('input_size') else None,
                   _square_img_size(state_dict, model)]
     for candidate in candidates:
-        if candidate is not None and _fits_grids(state_dict, model.table_grids(candidate)):
+        if candidate is not None and fits_grids(state_dict, model.table_grids(candidate)):
             return tuple(candidate)
-    if not _fits_grids(state_dict, model.table_grids()):
+    if not fits_grids(state_dict, model.table_grids()):
         return None
     height, width = model.img_size
     if height != width:
@@ -568,49 +506,3 @@ def check_fits(
     if pretrained:
         _check_classifier(out, model, cfg)
     return out
-
-
-# The rule on every path
-
-def fit_tables(
-        state_dict: Dict[str, torch.Tensor],
-        model: nn.Module,
-        img_size: Optional[Grid] = None,
-        warn_unrecorded: bool = False,
-) -> Dict[str, torch.Tensor]:
-    """The state dict in our layout with its tables on the model's grids: the one rule of every load.
-
-    The authors' reference layout is converted; tables saved for another input size are resampled from the grids
-    of the size the checkpoint was trained at: `img_size` where the checkpoint records it, else as
-    `saved_img_size` tells. Tables that fit no size are left for the fit check to report. `warn_unrecorded`: warn
-    where tables that fit a non-square model's own grids could be those of the transposed size (a file of unknown
-    origin), not for a state dict of the model's own (a resumed run).
-    """
-    if is_reference_layout(state_dict):
-        state_dict = convert_reference(state_dict)
-    if img_size is None and not warn_unrecorded and _fits_grids(state_dict, model.table_grids()):
-        return state_dict
-    source_size = saved_img_size(state_dict, model, img_size)
-    if source_size is None:
-        return state_dict
-    return resample_tables(state_dict, model.table_grids(source_size), model.table_grids())
-
-
-def load_state_dict_pre_hook(model: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-    """`load_state_dict` pre-hook of the CabViT models: every path that loads a state dict (timm's
-    `checkpoint_path=`, `load_checkpoint`, train.py `--resume`, a plain `model.load_state_dict`) follows
-    `fit_tables`, and a state dict with weights of other shapes, or NaN or inf, is refused before any weight is
-    copied, with one error that says how to build the model it fits. Missing and unexpected keys are left to
-    `load_state_dict` (torch does not tell its hooks whether the load is strict).
-
-    The state dict is edited in place, as torch's own hooks do: a converted or resampled one replaces the model's
-    keys under `prefix`.
-    """
-    own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    fitted = fit_tables(own, model)
-    source = "The state dict loaded into it (load_state_dict; timm's checkpoint_path= and load_checkpoint use it)"
-    check_fits(fitted, model, source=source, strict=False, pretrained=False)
-    if fitted is not own:
-        for k in own:
-            del state_dict[prefix + k]
-        state_dict.update({prefix + k: v for k, v in fitted.items()})
