@@ -37,7 +37,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import random_seed
 
 import timm_cabvit  # noqa: F401  (registers the CabViT models with timm)
-from timm_cabvit.deploy import calibrate_batchnorm
+from timm_cabvit.tools.deploy import calibrate_batchnorm
 
 # Each variant removes one idea of the paper from the CabViT model (model arguments of the registered models).
 VARIANTS = {

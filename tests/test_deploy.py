@@ -21,7 +21,7 @@ from timm.layers import LayerScale
 from timm.models.convnext import ConvNeXtBlock
 from timm.utils import reparameterize_model
 
-from timm_cabvit.deploy import (
+from timm_cabvit.tools.deploy import (
     ExportCheckError,
     calibrate_batchnorm,
     convnext_mlps_as_convolutions,

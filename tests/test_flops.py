@@ -5,8 +5,8 @@ import math
 import pytest
 import timm
 
-from timm_cabvit.flops import COMPONENTS, count_flops, flops_by_component
-from timm_cabvit.reports import flops_report
+from timm_cabvit.tools.flops import COMPONENTS, count_flops, flops_by_component
+from timm_cabvit.tools.reports import flops_report
 from timm_cabvit_cli import main
 
 

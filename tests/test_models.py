@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from support import ALL_MODELS, H_MODELS
 
 from timm_cabvit.cabvit import CabViTBlock
-from timm_cabvit.flops import count_flops
+from timm_cabvit.tools.flops import count_flops
 
 EXACT_PARAMS = {'cabvit_h_l1': 6_187_560, 'cabvit_h_l2': 16_275_870, 'cabvit_h_l3': 27_894_484}
 FLOPS_G = {'cabvit_h_l1': 1.385, 'cabvit_h_l2': 3.620, 'cabvit_h_l3': 6.680}

@@ -41,8 +41,8 @@ from timm.models._features import FeatureGetterNet
 from timm.models.convnext import ConvNeXtBlock
 from timm.utils import reparameterize_model
 
+from ..layers import batchnorm_momentum
 from .hub import create_model
-from .layers import batchnorm_momentum
 
 __all__ = [
     'ExportCheckError', 'calibrate_batchnorm', 'convnext_mlps_as_convolutions', 'export_onnx', 'export_program',
@@ -291,7 +291,7 @@ def _check(
         raise ExportCheckError(
             f'{what} was checked on outputs of at most {scale:.1e}, which says nothing: the model\'s outputs vanish, '
             f'as a random CabViT-H model\'s do at its initial BatchNorm statistics. Load trained weights or '
-            f'calibrate them first (timm_cabvit.deploy.calibrate_batchnorm(model)), or pass check=False.')
+            f'calibrate them first (timm_cabvit.tools.deploy.calibrate_batchnorm(model)), or pass check=False.')
     return dict(max_abs_diff=diff, max_abs_output=scale, max_rel_diff=diff / scale if scale else float('inf'),
                 batch_sizes=tuple(batch_sizes))
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from timm.models.convnext import ConvNeXtBlock
 
-from . import import_extra
-from .cabvit import CabViTBlock
+from .. import import_extra
+from ..cabvit import CabViTBlock
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:

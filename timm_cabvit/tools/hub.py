@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 from timm.models._hub import generate_readme
 
-from .weights import (
+from ..weights import (
     CheckpointError,
     check_checkpoint_file,
     checkpoint_metadata,
@@ -159,7 +159,7 @@ def _saved_input(
         raise CheckpointError(
             f"The checkpoint records the input size {recorded[0]}x{recorded[1]}, not the given "
             f"{img_size[0]}x{img_size[1]}: leave the size out, or build the model at another size after loading it "
-            f"(timm_cabvit.hub.create_model(..., checkpoint=FILE, img_size=...) resamples its tables).")
+            f"(timm_cabvit.tools.hub.create_model(..., checkpoint=FILE, img_size=...) resamples its tables).")
     trained_at = saved_img_size(state_dict, model, img_size or recorded)
     if img_size is not None and trained_at != tuple(img_size):
         fits = f'they fit {trained_at[0]}x{trained_at[1]}' if trained_at else 'they fit no size this model has'

@@ -7,7 +7,7 @@
 - `ablation_ladder` / `ablation_table`: the paper's ideas added one at a time beside its Table 4 increments:
   `timm-cabvit ablation`.
 
-The counting itself is `timm_cabvit.flops` (fvcore with a handle for fused attention). Functions that take a
+The counting itself is `timm_cabvit.tools.flops` (fvcore with a handle for fused attention). Functions that take a
 while accept a `progress` bar (tqdm's interface: `update()`, `set_postfix_str()`), advanced once per model built
 or forward pass timed.
 """
@@ -20,7 +20,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Typed
 import timm
 import torch
 
-from . import import_extra
+from .. import import_extra
 from .flops import COMPONENTS, count_flops, flops_by_component
 
 __all__ = [
