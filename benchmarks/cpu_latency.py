@@ -42,13 +42,13 @@ from bench_utils import (
     dated_result_path,
     markdown_table,
     num_cores,
-    num_params,
     slug,
     write_json,
 )
 from timm.utils import reparameterize_model
 
 from timm_cabvit.tools.deploy import calibrate_batchnorm, export_onnx
+from timm_cabvit.tools.flops import num_params
 from timm_cabvit.tools.reports import OtherCpuUse, contention_note, other_cpu_use
 
 # each CabViT model and the timm models it is compared with (the paper's comparators and ConvNeXt of its size)

@@ -42,6 +42,7 @@ from timm.models.convnext import ConvNeXtBlock
 from timm.utils import reparameterize_model
 
 from ..layers import batchnorm_momentum
+from .flops import num_params
 from .hub import create_model
 
 __all__ = [
@@ -205,7 +206,7 @@ def _prepare(
     model = copy.deepcopy(reference)
     if other_size:  # a dynamic model: the tables it resamples to at that size, resampled once
         _unwrapped(model).set_input_size(img_size)
-    params_before = _num_params(model)
+    params_before = num_params(model)
     if reparameterize:
         model = reparameterize_model(model, inplace=True)
     return model, reference, params_before, img_size
@@ -238,10 +239,6 @@ def _example_input(model: nn.Module, batch_size: int, img_size: Tuple[int, int])
     param = next(model.parameters())
     in_chans = getattr(_unwrapped(model), 'in_chans', 3)
     return torch.randn(batch_size, in_chans, *img_size, device=param.device, dtype=param.dtype)
-
-
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _trace_batch_size(batch_size: int, dynamic_batch: bool) -> int:
@@ -334,7 +331,7 @@ def _report(
         'dynamic_batch': dynamic_batch,
         'reparameterized': reparameterize,
         'params_before': params_before,
-        'params': _num_params(model),
+        'params': num_params(model),
     }
 
 

@@ -51,6 +51,11 @@ def flop_analysis(
     return analysis
 
 
+def num_params(model: nn.Module) -> int:
+    """Parameter count of `model`: the one count beside its FLOPs that reports, exports and benchmarks share."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def count_flops(model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3) -> int:
     """Total fvcore FLOPs (multiply-adds) of one image."""
     return int(flop_analysis(model, input_size, in_chans).total())

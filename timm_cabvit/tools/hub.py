@@ -41,6 +41,7 @@ from ..weights import (
     saved_img_size,
     unwrap_checkpoint,
 )
+from .flops import num_params
 
 __all__ = ['CheckpointError', 'create_model', 'export_checkpoint', 'parse_metrics', 'push']
 
@@ -349,11 +350,10 @@ def _model_card(
 ) -> Dict[str, Any]:
     """Model card entries in the format of timm's `generate_readme`."""
     cfg = model.pretrained_cfg
-    num_params = sum(p.numel() for p in model.parameters())
     details = {
         'Model Type': 'Image classification / feature backbone',
         'Model Stats': {
-            'Params (M)': f'{num_params / 1e6:.1f}',
+            'Params (M)': f'{num_params(model) / 1e6:.1f}',
             'Image size': f'{model.img_size[0]} x {model.img_size[1]}',
             'Classes': model.num_classes,
         },
