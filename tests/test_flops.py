@@ -5,7 +5,7 @@ import math
 import pytest
 import timm
 
-from timm_cabvit.tools.flops import COMPONENTS, count_flops, flops_by_component, num_params
+from timm_cabvit.tools.flops import COMPONENTS, component_fn, count_flops, flops_by_component, num_params
 from timm_cabvit.tools.reports import flops_report
 from timm_cabvit_cli import main
 
@@ -37,6 +37,21 @@ def test_components_sum_to_the_totals(model_name):
     assert sum(c['flops'] for c in components.values()) == count_flops(model)
     assert components['other'] == dict(params=0, flops=0)
     assert components['attention']['flops'] > 0 and components['FFN']['flops'] > 0
+
+
+@pytest.mark.parametrize('model_name, expected', [
+    ('cabvit_p_l0', {'cls_token': 'stem', 'blocks.3.norm1': 'attention', 'blocks.3.digest_calib.norm': 'attention',
+                     'blocks.3.tme.merge.weight': 'TME', 'blocks.3.ls2': 'FFN', 'blocks.3': 'other', 'norm': 'head'}),
+    ('efficientformer_l1', {'stages.0.blocks.0.token_mixer.pool': 'attention', 'stages.0.blocks.0.ls1': 'attention',
+                            'stages.0.blocks.0.mlp.norm1': 'FFN', 'stages.3.blocks.3': 'other',
+                            'stages.3.blocks.4.norm2': 'FFN', 'stages.1.downsample.conv': 'downsample'}),
+    ('nextvit_small', {'stages.2.blocks.4.e_mhsa.q': 'attention', 'stages.2.blocks.4.mhca': 'attention',
+                       'stages.2.blocks.4.projection': 'other', 'stages.2.blocks.4.mlp.fc1': 'FFN', '': 'other'}),
+])
+def test_one_taxonomy_for_cabvit_and_peers(model_name, expected):
+    """Module (and parameter) paths of CabViT and of timm peers map to the paper's Fig. 5 components or 'other'."""
+    component = component_fn(timm.create_model(model_name, device='meta'))
+    assert {path: component(path) for path in expected} == expected
 
 
 def test_digest_scales_add_parameters_but_no_flops():
