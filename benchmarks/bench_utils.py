@@ -12,13 +12,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from timm_cabvit.tools.flops import COMPONENTS, component_fn
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
-# parts of a model that traffic.py and gpu_profile.py report, in table order: `component_fn` names those of modules
-COMPONENT_ORDER = [
-    'stem', 'ConvNeXt blocks', 'downsample', 'attention', 'digest calibration', 'TME', 'token mixer (pooling)',
-    'FFN', 'norms', 'residual, layer scale', 'stage glue (layout, digest concat)', 'head', 'model glue', 'loss',
-    'optimizer', 'layout copies', 'dtype casts', 'other',
-]
+# rows of the component tables of traffic.py and gpu_profile.py: the model's components (`flops.component_fn`), then
+# the parts of a step outside the model ('<loss>', '<optimizer>' labels; 'untraced': a backward op of traffic.py whose
+# autograd node no forward op made) and gpu_profile.py's two buckets across modules
+COMPONENT_ORDER = [*COMPONENTS, 'other', 'loss', 'optimizer', 'untraced', 'layout copies', 'dtype casts']
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,10 +45,6 @@ def cpu_model() -> str:
 def num_cores() -> int:
     """Cores this process may run on (its affinity, which containers and taskset narrow), not the host's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-
-
-def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def device_name(device: torch.device) -> str:
@@ -186,47 +182,8 @@ def markdown_table(header: List[str], rows: List[List[str]], right: Sequence[boo
     return '\n'.join(lines)
 
 
-def component_fn(model: torch.nn.Module) -> Callable[[str], str]:
-    """Maps a module path ('' for the model) to its component, by the path and the classes of the module's ancestors.
-
-    Why: one grouping for op counts (traffic.py) and profiles (gpu_profile.py), across CabViT and timm peers. A whole
-    ConvNeXt block is 'ConvNeXt blocks'; elsewhere the outermost attention, digest calibration, TME or pooling module
-    decides, then a norm module itself, then the nearest MLP, block or stage. '<name>' labels a component outside
-    the model (loss, optimizer).
-    """
-    types = {name: type(module).__name__ for name, module in model.named_modules()}
-
-    def component(label: str) -> str:
-        if label.startswith('<'):
-            return label[1:-1]
-        parts = label.split('.') if label else []
-        chain = [types['']] + [types['.'.join(parts[:i + 1])] for i in range(len(parts))]
-        if parts and parts[0] in ('stem', 'patch_embed'):
-            return 'stem'
-        if parts and parts[0] in ('head', 'head_dist', 'norm', 'norm_pre', 'fc_norm'):
-            return 'head'
-        if 'downsample' in parts or 'Downsample' in chain:
-            return 'downsample'
-        if 'ConvNeXtBlock' in chain:
-            return 'ConvNeXt blocks'
-        for name in chain:
-            if 'Attention' in name:
-                return 'attention'
-            if name == 'DigestCalibration':
-                return 'digest calibration'
-            if name == 'TokenMergeEnhance':
-                return 'TME'
-            if name == 'Pooling':
-                return 'token mixer (pooling)'
-        if 'Norm' in chain[-1]:
-            return 'norms'
-        for name in reversed(chain):
-            if 'Mlp' in name:
-                return 'FFN'
-            if 'Block' in name or 'LayerScale' in name:
-                return 'residual, layer scale'
-            if 'Stage' in name or name == 'Flat':
-                return 'stage glue (layout, digest concat)'
-        return 'model glue'
-
-    return component
+def label_component(model: torch.nn.Module) -> Callable[[str], str]:
+    """Maps an op's label to its component: a module path as `flops.component_fn` does, '<name>' (a part of the
+    step outside the model: loss, optimizer, untraced) to the name."""
+    component = component_fn(model)
+    return lambda label: label[1:-1] if label.startswith('<') else component(label)

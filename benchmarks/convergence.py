@@ -37,7 +37,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import random_seed
 
 import timm_cabvit  # noqa: F401  (registers the CabViT models with timm)
-from timm_cabvit.deploy import calibrate_batchnorm
+from timm_cabvit.tools.deploy import calibrate_batchnorm
+from timm_cabvit.tools.flops import num_params
 
 # Each variant removes one idea of the paper from the CabViT model (model arguments of the registered models).
 VARIANTS = {
@@ -147,7 +148,7 @@ def train(
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=total_steps, warmup_epochs=args.warmup_steps, warmup_lr=args.lr / 100,
         step_on_epochs=False, updates_per_epoch=1)
-    params = sum(p.numel() for p in model.parameters())
+    params = num_params(model)
     step_rows, epoch_rows = [], []
     step, train_time = 0, 0.
     for epoch in range(math.ceil(total_steps / updates_per_epoch)):

@@ -6,14 +6,14 @@ models take turns call by call, round after round, so that a change of load or c
 figure is the median of the rounds, and each ratio against a peer the median of the per-round ratios.
 
 - pytorch: the model as `timm.create_model` gives it; reparam (optional): after `timm.utils.reparameterize_model`;
-- onnxruntime: the graph of `timm_cabvit.deploy.export_onnx` (its defaults; checked against PyTorch), run by an
+- onnxruntime: the graph of `timm_cabvit.tools.deploy.export_onnx` (its defaults; checked against PyTorch), run by an
   ONNX Runtime CPU session with `--threads` intra-op threads and spinning off (idle threads spinning between calls
   would slow the other sessions and the PyTorch runs of the process);
 - compiled: `torch.compile` (inductor, default arguments). Its compile time is the first call's, measured in a
   fresh process per model with inductor's caches off and a small model compiled first: in a shared process a model
   compiled after others took up to 30 % less, and none should pay for the process's one-time set-up.
 
-Other processes' CPU use is measured before and during each variant (`timm_cabvit.reports.OtherCpuUse`): where
+Other processes' CPU use is measured before and during each variant (`timm_cabvit.tools.reports.OtherCpuUse`): where
 they kept cores busy that the threads needed, the figures are marked NOT TRUSTWORTHY and, with more than one
 thread, the whole run is repeated on one thread. Prints two markdown tables (latency; ratios against the peers)
 and writes them, with the machine and every timing, to benchmarks/results/cpu-<cpu>-<date>.md and .json.
@@ -42,14 +42,14 @@ from bench_utils import (
     dated_result_path,
     markdown_table,
     num_cores,
-    num_params,
     slug,
     write_json,
 )
 from timm.utils import reparameterize_model
 
-from timm_cabvit.deploy import calibrate_batchnorm, export_onnx
-from timm_cabvit.reports import OtherCpuUse, contention_note, other_cpu_use
+from timm_cabvit.tools.deploy import calibrate_batchnorm, export_onnx
+from timm_cabvit.tools.flops import num_params
+from timm_cabvit.tools.reports import OtherCpuUse, contention_note, other_cpu_use
 
 # each CabViT model and the timm models it is compared with (the paper's comparators and ConvNeXt of its size)
 PEERS = {

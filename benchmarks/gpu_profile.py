@@ -6,19 +6,21 @@ a few minutes at most on one GPU, profiles cabvit_h_l2 (both TME paths) and conv
 runs them: bf16 autocast, channels_last, inference batch 256 in inference_mode, training batch 128 with
 cross-entropy, backward and an SGD step.
 
-How: torch.profiler records `--iters` passes of each kind after `--warmup` untimed ones. Forward pre/post hooks
-put a `record_function` range `module::<path>` around every module, so a kernel belongs to the innermost module
-range around the op that launched it. Backward ops run in the autograd engine (on CUDA in its device thread),
-outside those ranges: each runs under an `autograd::engine::evaluate_function` event carrying the autograd node's
-sequence number, which the forward op that made the node recorded as well, and takes that op's module. Two
-buckets cut across modules and take precedence over them (only the optimizer's range beats them): dtype casts
-(an `aten::_to_copy` that the model, autocast or a backward node calls, not a scalar's conversion inside another
-op) and layout copies (under `aten::clone` or `aten::contiguous`, or a bare `aten::copy_`). Device time is the sum
-of kernel durations; kernels that no op claims are 'other', as is autograd's own work (gradient accumulation, the
-seed gradient). Wall time per pass is timed apart, without the profiler; kernel time over wall time says how busy
-the GPU was: far below 100 % means the pass waits on launches, not on the GPU. Components are those of
-benchmarks/traffic.py (one grouping, `bench_utils.component_fn`) plus the two buckets. `--device cpu` runs the same
-code on ops' self CPU time, at tiny sizes, as a smoke test; the fused TME needs a GPU.
+How: torch.profiler records `--iters` passes of each kind after `--warmup` untimed ones. Forward pre/post hooks put
+a `record_function` range `module::<path>` around every module, so a kernel belongs to the innermost module range
+around the op that launched it. Backward ops run in the autograd engine (on CUDA in its device thread), outside
+those ranges: each runs under an `autograd::engine::evaluate_function` event carrying the autograd node's sequence
+number, which the forward op that made the node recorded as well, and takes that op's module. Two buckets cut across
+modules and take precedence over them (only the optimizer's range beats them): dtype casts (an `aten::_to_copy` that
+the model, autocast or a backward node calls, not a scalar's conversion inside another op) and layout copies (under
+`aten::clone` or `aten::contiguous`, or a bare `aten::copy_`). Device time is the sum of kernel durations; kernels
+that no op claims are 'other', as is autograd's own work (gradient accumulation, the seed gradient). Wall time per
+pass is timed apart, without the profiler; kernel time over wall time says how busy the GPU was: far below 100 %
+means the pass waits on launches, not on the GPU. Components are the model's as
+`timm_cabvit.tools.flops.component_fn` assigns them, the paper's Fig. 5 set that `timm-cabvit flops` and
+benchmarks/traffic.py use (the residual adds and layout glue of blocks and stages are 'other'), plus the loss, the
+optimizer and the two buckets. `--device cpu` runs the same code on ops' self CPU time, at tiny sizes, as a smoke
+test; the fused TME needs a GPU.
 
     python benchmarks/gpu_profile.py               # cabvit_h_l2 (fused and PyTorch TME), convnext_tiny
     python benchmarks/gpu_profile.py --device cpu --img-size 64 --batch-size 2 --iters 1 --warmup 1
@@ -36,8 +38,8 @@ import torch.nn.functional as F
 from bench_utils import (
     COMPONENT_ORDER,
     RESULTS_DIR,
-    component_fn,
     environment,
+    label_component,
     markdown_table,
     report_markdown,
     resolve_device,
@@ -152,7 +154,7 @@ def device_times(events: List[FunctionEvent], device: torch.device) -> Iterator[
 
 def analyse(events: List[FunctionEvent], model: nn.Module, device: torch.device, iters: int) -> Dict:
     """Per-pass device time by component and by kernel name (with the component that spends most of it)."""
-    component, node_modules = component_fn(model), forward_modules(events)
+    component, node_modules = label_component(model), forward_modules(events)
     by_component: Dict[str, float] = defaultdict(float)
     kernels: Dict[str, Dict] = {}
     for event, name, us in device_times(events, device):

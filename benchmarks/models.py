@@ -32,6 +32,7 @@ from bench_utils import (
 from timm.data import resolve_model_data_config
 
 import timm_cabvit  # noqa: F401  registers the models
+from timm_cabvit.tools.flops import num_params
 
 DEFAULT_MODELS = [
     'cabvit_h_l1', 'cabvit_h_l2', 'convnext_pico', 'convnext_tiny', 'efficientformer_l1', 'efficientformer_l3',
@@ -95,7 +96,7 @@ def model_rows(name: str, args, device: torch.device) -> List[Dict]:
     for impl in impls:
         if impl is not None:
             model.set_tme_impl(impl)
-        row = dict(model=name, tme=TME_LABELS.get(impl, ''), params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+        row = dict(model=name, tme=TME_LABELS.get(impl, ''), params_m=num_params(model) / 1e6)
         for compiled in ([False, True] if args.compile else [False]):
             try:
                 row.update(measure(model, args, device, compiled))

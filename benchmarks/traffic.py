@@ -12,11 +12,14 @@ backends, with the module running it (a stack kept by forward pre/post hooks). A
 CUDA tensors without a CUDA driver, so a training step replays the recorded forward ops one by one on `meta`
 tensors, where the casts are already explicit ops, and runs backward and the SGD step (foreach, as on CUDA) there; a
 backward op belongs to the module whose forward op made the autograd node running it
-(`torch._C._current_autograd_node`), a gradient accumulation to the parameter's module. Without a GPU,
-`scaled_dot_product_attention` cannot pick its CUDA kernel, so `--sdpa` routes it as ATen's attention.cpp does:
-memory-efficient attention (default; the float mask padded to a multiple of 8 and expanded to the batch), cuDNN
-(where the mask needs no gradient), or the math path. Inference counts the second of two passes in one autocast
-context, as benchmarks/models.py times it: weights cast once; a training step casts them anew.
+(`torch._C._current_autograd_node`), a gradient accumulation to the parameter's module; components are the model's
+as `timm_cabvit.tools.flops.component_fn` assigns them, the paper's Fig. 5 set of `timm-cabvit flops` (the residual
+adds and layout glue of blocks and stages are 'other'), plus the loss, the optimizer, and 'untraced' for a backward
+op whose autograd node no forward op made. Without a GPU, `scaled_dot_product_attention` cannot pick its CUDA
+kernel, so `--sdpa` routes it as ATen's attention.cpp does: memory-efficient attention (default; the float mask
+padded to a multiple of 8 and expanded to the batch), cuDNN (where the mask needs no gradient), or the math path.
+Inference counts the second of two passes in one autocast context, as benchmarks/models.py times it: weights cast
+once; a training step casts them anew.
 
 Rules: an op is one dispatcher call that does work, reported per pass (a foreach op, a convolution backward or a
 fused TME op may launch several kernels; the TME's Triton launches are in the grid table). Views
@@ -47,9 +50,9 @@ import triton
 from bench_utils import (
     COMPONENT_ORDER,
     RESULTS_DIR,
-    component_fn,
     dated_result_path,
     environment,
+    label_component,
     markdown_table,
     report_markdown,
     write_result,
@@ -162,7 +165,7 @@ def op_bytes(func, args, kwargs, out) -> int:
 @dataclasses.dataclass
 class Op:
     func: object
-    label: str  # path of the module running the op, or <loss> / <optimizer> / <model glue> outside modules
+    label: str  # path of the module running the op, or <loss> / <optimizer> / <other> outside modules
     nbytes: int
     args: tuple = ()  # the tensors themselves, kept for a replay only
     kwargs: dict = dataclasses.field(default_factory=dict)
@@ -177,7 +180,7 @@ class Recorder(TorchDispatchMode):
         self.ops: List[Op] = []
         self.keep_tensors = keep_tensors
         self.stack: List[str] = []
-        self.outside = '<model glue>'
+        self.outside = '<other>'
         self.label_fn: Callable[[], str] = lambda: self.stack[-1] if self.stack else self.outside
         self.handles = []
         for name, module in (model.named_modules() if model is not None else ()):
@@ -304,7 +307,7 @@ def count_inference(model: nn.Module, input_size: Sequence[int], args) -> Dict:
                 model(x)
         finally:
             recorder.remove_hooks()
-    return summarize(recorder.ops, component_fn(model), args.batch_size)
+    return summarize(recorder.ops, label_component(model), args.batch_size)
 
 
 def count_training(model: nn.Module, input_size: Sequence[int], args) -> Dict:
@@ -326,7 +329,7 @@ def count_training(model: nn.Module, input_size: Sequence[int], args) -> Dict:
             loss = F.cross_entropy(logits, target)
     finally:
         recorder.remove_hooks()
-    component = component_fn(model)
+    component = label_component(model)
     forward = summarize(recorder.ops, component, args.train_batch_size)
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -340,8 +343,8 @@ def count_training(model: nn.Module, input_size: Sequence[int], args) -> Dict:
         if node is None:
             return '<loss>'  # the seed gradient
         if hasattr(node, 'variable'):  # AccumulateGrad
-            return param_modules.get(id(node.variable), '<model glue>')
-        return node_labels.get(node._sequence_nr(), '<model glue>')
+            return param_modules.get(id(node.variable), '<untraced>')
+        return node_labels.get(node._sequence_nr(), '<untraced>')
 
     counter = Recorder()
     counter.label_fn = backward_label

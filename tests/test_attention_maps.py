@@ -1,4 +1,4 @@
-"""Attention maps with digest-token columns (`timm_cabvit.attention_maps`, the paper's Fig. 6)."""
+"""Attention maps with digest-token columns (`timm_cabvit.tools.attention_maps`, the paper's Fig. 6)."""
 import struct
 
 import pytest
@@ -6,7 +6,7 @@ import timm
 import torch
 from PIL import Image
 
-from timm_cabvit.attention_maps import (
+from timm_cabvit.tools.attention_maps import (
     attention_maps,
     cabvit_blocks,
     default_blocks,

@@ -11,8 +11,8 @@ import safetensors.torch
 import timm
 import torch
 
-from timm_cabvit import hub
 from timm_cabvit.cabvit import checkpoint_filter_fn
+from timm_cabvit.tools import hub
 from timm_cabvit.weights import CheckpointError, check_checkpoint_file, checkpoint_metadata
 
 SIZE = (96, 64)  # non-square: stage-3 grid 6x4, stage-4 grid 3x2

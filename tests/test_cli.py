@@ -474,7 +474,7 @@ def test_out_of_memory_names_the_setting_to_lower(capsys):
 def test_flops_out_of_memory_names_img_size(error, asked, capsys, monkeypatch):
     """`flops --img-size 2048` ran out of memory after a minute of tracing here (the error mocked: it takes a minute
     and most of the memory of the machine)."""
-    from timm_cabvit import reports
+    from timm_cabvit.tools import reports
 
     def flops_report(*args, **kwargs):
         raise error
@@ -487,7 +487,7 @@ def test_flops_out_of_memory_names_img_size(error, asked, capsys, monkeypatch):
 
 
 def test_other_runtime_errors_are_not_taken_for_memory(monkeypatch):
-    from timm_cabvit import reports
+    from timm_cabvit.tools import reports
 
     def flops_report(*args, **kwargs):
         raise RuntimeError('a bug')

@@ -21,7 +21,7 @@ from timm.layers import LayerScale
 from timm.models.convnext import ConvNeXtBlock
 from timm.utils import reparameterize_model
 
-from timm_cabvit.deploy import (
+from timm_cabvit.tools.deploy import (
     ExportCheckError,
     calibrate_batchnorm,
     convnext_mlps_as_convolutions,
@@ -31,6 +31,7 @@ from timm_cabvit.deploy import (
     onnx_opset_range,
     require_onnx,
 )
+from timm_cabvit.tools.flops import num_params
 
 IMG_SIZE = 96  # 6x6 tokens in stage 3 and 2x2 digests per block: every bias table has more than one entry
 SLOW_MODELS = ('cabvit_h_l2', 'cabvit_h_l3')
@@ -44,10 +45,6 @@ pytestmark = [
 
 def _params(model_names, slow=SLOW_MODELS):
     return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in model_names]
-
-
-def _num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
@@ -107,7 +104,7 @@ def test_reparameterized_equals_plain(model_name):
     # stay as the conv's new bias)
     folded = _batchnorms(model, fusable_only=True)
     assert len(_batchnorms(fused)) == len(_batchnorms(model)) - len(folded)
-    assert folded and _num_params(fused) <= _num_params(model) - sum(bn.num_features for bn in folded)
+    assert folded and num_params(fused) <= num_params(model) - sum(bn.num_features for bn in folded)
 
 
 @pytest.mark.integration
@@ -163,7 +160,7 @@ def test_onnx_graph_runs_convnext_mlps_as_convolutions(tmp_path):
     converted = convnext_mlps_as_convolutions(copy.deepcopy(model))
     blocks = [m for m in converted.modules() if isinstance(m, ConvNeXtBlock)]
     assert blocks and all(b.use_conv_mlp for b in blocks)
-    assert _num_params(converted) == _num_params(model)
+    assert num_params(converted) == num_params(model)
     x = _images(2)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x))

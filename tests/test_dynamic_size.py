@@ -140,7 +140,7 @@ def test_compile_recompiles_per_size():
 def test_onnx_export_at_a_fixed_size_of_ones_choice(model_name, tmp_path):
     """A dynamic model exports at any fixed size: ONNX Runtime gives what the dynamic model gives at that size."""
     onnxruntime = pytest.importorskip('onnxruntime')
-    from timm_cabvit.deploy import calibrate_batchnorm, export_onnx
+    from timm_cabvit.tools.deploy import calibrate_batchnorm, export_onnx
 
     model = calibrate_batchnorm(_randomized(model_name, img_size=64, dynamic_img_size=True), img_size=(64, 64))
     path = tmp_path / 'model.onnx'

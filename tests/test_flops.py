@@ -5,8 +5,8 @@ import math
 import pytest
 import timm
 
-from timm_cabvit.flops import COMPONENTS, count_flops, flops_by_component
-from timm_cabvit.reports import flops_report
+from timm_cabvit.tools.flops import COMPONENTS, component_fn, count_flops, flops_by_component, num_params
+from timm_cabvit.tools.reports import flops_report
 from timm_cabvit_cli import main
 
 
@@ -24,7 +24,7 @@ def _digest_parameters(dim: int, heads: int, depth: int, grid: tuple) -> int:
 def test_cross_block_off_removes_exactly_the_digest_parameters(model_name, stages):
     full = timm.create_model(model_name, device='meta')
     plain = timm.create_model(model_name, device='meta', cross_block=False)
-    removed = sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in plain.parameters())
+    removed = num_params(full) - num_params(plain)
     assert removed == sum(_digest_parameters(*stage) for stage in stages)
     assert count_flops(timm.create_model(model_name, cross_block=False)) < count_flops(timm.create_model(model_name))
 
@@ -33,16 +33,31 @@ def test_cross_block_off_removes_exactly_the_digest_parameters(model_name, stage
 def test_components_sum_to_the_totals(model_name):
     model = timm.create_model(model_name)
     components = flops_by_component(model)
-    assert sum(c['params'] for c in components.values()) == sum(p.numel() for p in model.parameters())
+    assert sum(c['params'] for c in components.values()) == num_params(model)
     assert sum(c['flops'] for c in components.values()) == count_flops(model)
     assert components['other'] == dict(params=0, flops=0)
     assert components['attention']['flops'] > 0 and components['FFN']['flops'] > 0
 
 
+@pytest.mark.parametrize('model_name, expected', [
+    ('cabvit_p_l0', {'cls_token': 'stem', 'blocks.3.norm1': 'attention', 'blocks.3.digest_calib.norm': 'attention',
+                     'blocks.3.tme.merge.weight': 'TME', 'blocks.3.ls2': 'FFN', 'blocks.3': 'other', 'norm': 'head'}),
+    ('efficientformer_l1', {'stages.0.blocks.0.token_mixer.pool': 'attention', 'stages.0.blocks.0.ls1': 'attention',
+                            'stages.0.blocks.0.mlp.norm1': 'FFN', 'stages.3.blocks.3': 'other',
+                            'stages.3.blocks.4.norm2': 'FFN', 'stages.1.downsample.conv': 'downsample'}),
+    ('nextvit_small', {'stages.2.blocks.4.e_mhsa.q': 'attention', 'stages.2.blocks.4.mhca': 'attention',
+                       'stages.2.blocks.4.projection': 'other', 'stages.2.blocks.4.mlp.fc1': 'FFN', '': 'other'}),
+])
+def test_one_taxonomy_for_cabvit_and_peers(model_name, expected):
+    """Module (and parameter) paths of CabViT and of timm peers map to the paper's Fig. 5 components or 'other'."""
+    component = component_fn(timm.create_model(model_name, device='meta'))
+    assert {path: component(path) for path in expected} == expected
+
+
 def test_digest_scales_add_parameters_but_no_flops():
     with_scales = timm.create_model('cabvit_h_l1')
     without = timm.create_model('cabvit_h_l1', digest_scale=False)
-    assert sum(p.numel() for p in with_scales.parameters()) - sum(p.numel() for p in without.parameters()) == 244
+    assert num_params(with_scales) - num_params(without) == 244
     assert count_flops(with_scales) == count_flops(without)
 
 

@@ -24,9 +24,9 @@ import timm
 import torch
 from huggingface_hub import constants
 
-from timm_cabvit import hub
 from timm_cabvit.cabvit import checkpoint_filter_fn
 from timm_cabvit.layers import resize_token_grid
+from timm_cabvit.tools import hub
 
 REFERENCE_DIR = Path(__file__).resolve().parent / 'data' / 'reference'  # the authors' checkpoint layouts
 REPO_ID = 'local-org/cabvit_h_l1.test'

@@ -8,14 +8,10 @@ import torch.nn.functional as F
 from support import ALL_MODELS, H_MODELS
 
 from timm_cabvit.cabvit import CabViTBlock
-from timm_cabvit.flops import count_flops
+from timm_cabvit.tools.flops import count_flops, num_params
 
 EXACT_PARAMS = {'cabvit_h_l1': 6_187_560, 'cabvit_h_l2': 16_275_870, 'cabvit_h_l3': 27_894_484}
 FLOPS_G = {'cabvit_h_l1': 1.385, 'cabvit_h_l2': 3.620, 'cabvit_h_l3': 6.680}
-
-
-def _num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def test_registry_lists_the_four_models():
@@ -24,11 +20,11 @@ def test_registry_lists_the_four_models():
 
 @pytest.mark.parametrize('model_name', H_MODELS)
 def test_exact_parameter_count(model_name):
-    assert _num_params(timm.create_model(model_name, device='meta')) == EXACT_PARAMS[model_name]
+    assert num_params(timm.create_model(model_name, device='meta')) == EXACT_PARAMS[model_name]
 
 
 def test_plain_parameter_count_within_paper_tolerance():
-    assert abs(_num_params(timm.create_model('cabvit_p_l0', device='meta')) / 5.9e6 - 1) < 0.015
+    assert abs(num_params(timm.create_model('cabvit_p_l0', device='meta')) / 5.9e6 - 1) < 0.015
 
 
 @pytest.mark.parametrize('model_name', H_MODELS)

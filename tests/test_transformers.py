@@ -18,7 +18,7 @@ import timm
 import torch
 from PIL import Image
 
-from timm_cabvit import hub
+from timm_cabvit.tools import hub
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec('transformers') is None, reason='transformers is not installed (pip install ".[hf]")')

@@ -1251,7 +1251,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     """
     cfg = model.pretrained_cfg
     # a file timm loaded itself is read again for its header or args; a loader that read it passes the state dict
-    # with the file's record in the cfg (input_size), as `hub.create_model` does
+    # with the file's record in the cfg (input_size), as `tools.hub.create_model` does
     metadata = checkpoint_metadata(state_dict) or (
         checkpoint_metadata(cfg.get('file')) if cfg.get('state_dict') is None else {})
     state_dict = fit_tables(unwrap_checkpoint(state_dict), model, metadata.get('img_size'), warn_unrecorded=True)

@@ -407,7 +407,7 @@ def _check_classifier(state_dict: Dict[str, torch.Tensor], model: nn.Module, cfg
             warnings.warn(
                 f"The checkpoint's classifier '{name}' has {num_classes} classes, as the model, but timm drops it "
                 f"because the pretrained cfg says num_classes={cfg.get('num_classes')}: pass "
-                f"pretrained_cfg_overlay=dict(num_classes={num_classes}, ...) to keep it (timm_cabvit.hub."
+                f"pretrained_cfg_overlay=dict(num_classes={num_classes}, ...) to keep it (timm_cabvit.tools.hub."
                 f"create_model(..., checkpoint=FILE) does).", stacklevel=3)
         else:
             warnings.warn(
@@ -435,7 +435,7 @@ def _hints(state_dict: Dict[str, torch.Tensor], model: nn.Module, cfg: Dict[str,
         hints.append(
             'its bias tables are laid out for another input size, which it does not record and which is not a square '
             'one: create the model at the size it was trained at (img_size=(H, W); in timm\'s scripts '
-            '--model-kwargs img_size="(H, W)"), or load the file with timm_cabvit.hub.create_model(NAME, '
+            '--model-kwargs img_size="(H, W)"), or load the file with timm_cabvit.tools.hub.create_model(NAME, '
             'checkpoint=FILE), which reads the size a train.py checkpoint or an export records')
     return ''.join(f'\n  Hint: {h}.' for h in hints)
 

@@ -340,7 +340,7 @@ def run_table(args: argparse.Namespace) -> None:
     _require_extra('fvcore', "Counting the table's FLOPs")
     import torch
 
-    from timm_cabvit.reports import Timing, models_table
+    from timm_cabvit.tools.reports import Timing, models_table
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -363,7 +363,7 @@ def run_flops(args: argparse.Namespace) -> None:
         _require_extra('matplotlib.figure', 'Plotting the FLOPs (--plot)')
     import json
 
-    from timm_cabvit.reports import flops_report, flops_table, save_flops_plot
+    from timm_cabvit.tools.reports import flops_report, flops_table, save_flops_plot
 
     with _progress(2 * len(names), 'counting FLOPs', 'model') as progress:
         reports = [flops_report(name, args.img_size, progress) for name in names]
@@ -384,7 +384,7 @@ def run_ablation(args: argparse.Namespace) -> None:
     _require_extra('fvcore', 'Counting FLOPs')
     import json
 
-    from timm_cabvit.reports import ABLATION_STEPS, ablation_ladder, ablation_table
+    from timm_cabvit.tools.reports import ABLATION_STEPS, ablation_ladder, ablation_table
 
     with _progress(len(ABLATION_STEPS), 'counting FLOPs', 'step') as progress:
         ladder = ablation_ladder(name, args.img_size, progress)
@@ -405,7 +405,7 @@ def run_attention(args: argparse.Namespace) -> None:
     if args.checkpoint is None:
         print(f'{PROG} attention: note: no --checkpoint, so the weights are random and the maps are near uniform; '
               f'give trained weights (--checkpoint FILE) for maps that mean something', file=sys.stderr)
-    from timm_cabvit.attention_maps import run_attention_command
+    from timm_cabvit.tools.attention_maps import run_attention_command
 
     print(run_attention_command(args.image, name, checkpoint=args.checkpoint, blocks=args.blocks, out=out,
                                 img_size=args.img_size))
@@ -426,7 +426,7 @@ def _check_blocks(name: str, blocks: Sequence[str], img_size: Optional[Tuple[int
     no checkpoint read): the blocks are the architecture's, whatever the weights."""
     import timm
 
-    from timm_cabvit.attention_maps import cabvit_blocks
+    from timm_cabvit.tools.attention_maps import cabvit_blocks
 
     kwargs = {} if img_size is None else {'img_size': img_size}
     available = list(cabvit_blocks(timm.create_model(name.split('.', 1)[0], num_classes=0, device='meta', **kwargs)))
@@ -467,7 +467,7 @@ def run_export(args: argparse.Namespace) -> None:
     (name,) = _models([args.model], args.img_size)
     if args.repo_id is not None:
         _check_repo_id(args.repo_id, 'the folder to write is --out')
-    from timm_cabvit import hub
+    from timm_cabvit.tools import hub
 
     try:
         metrics = hub.parse_metrics(args.metric)
@@ -485,7 +485,7 @@ def run_push(args: argparse.Namespace) -> None:
     """
     _check_repo_id(args.repo_id, 'the folder to upload is DIR')
     _import_timm()
-    from timm_cabvit import hub
+    from timm_cabvit.tools import hub
 
     print(hub.push(args.dir, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                    create_pr=args.create_pr, commit_message=args.commit_message))
@@ -515,7 +515,7 @@ def run_export_onnx(args: argparse.Namespace) -> None:
     (name,) = _models([args.model], args.img_size)
     import torch
 
-    from timm_cabvit import deploy
+    from timm_cabvit.tools import deploy
 
     lowest, highest = deploy.onnx_opset_range()
     if not lowest <= args.opset <= highest:
@@ -657,7 +657,7 @@ def _user_errors() -> Tuple[type, ...]:
     files and connections (OSError), checkpoints and Hub repos (CheckpointError), exports that fail their check.
     The package's own classes count once their module is loaded: before that, none of them can have been raised."""
     errors = [ValueError, OSError]
-    for module, name in (('timm_cabvit.weights', 'CheckpointError'), ('timm_cabvit.deploy', 'ExportCheckError')):
+    for module, name in (('timm_cabvit.weights', 'CheckpointError'), ('timm_cabvit.tools.deploy', 'ExportCheckError')):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

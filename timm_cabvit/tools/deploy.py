@@ -41,8 +41,9 @@ from timm.models._features import FeatureGetterNet
 from timm.models.convnext import ConvNeXtBlock
 from timm.utils import reparameterize_model
 
+from ..layers import batchnorm_momentum
+from .flops import num_params
 from .hub import create_model
-from .layers import batchnorm_momentum
 
 __all__ = [
     'ExportCheckError', 'calibrate_batchnorm', 'convnext_mlps_as_convolutions', 'export_onnx', 'export_program',
@@ -205,7 +206,7 @@ def _prepare(
     model = copy.deepcopy(reference)
     if other_size:  # a dynamic model: the tables it resamples to at that size, resampled once
         _unwrapped(model).set_input_size(img_size)
-    params_before = _num_params(model)
+    params_before = num_params(model)
     if reparameterize:
         model = reparameterize_model(model, inplace=True)
     return model, reference, params_before, img_size
@@ -238,10 +239,6 @@ def _example_input(model: nn.Module, batch_size: int, img_size: Tuple[int, int])
     param = next(model.parameters())
     in_chans = getattr(_unwrapped(model), 'in_chans', 3)
     return torch.randn(batch_size, in_chans, *img_size, device=param.device, dtype=param.dtype)
-
-
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _trace_batch_size(batch_size: int, dynamic_batch: bool) -> int:
@@ -291,7 +288,7 @@ def _check(
         raise ExportCheckError(
             f'{what} was checked on outputs of at most {scale:.1e}, which says nothing: the model\'s outputs vanish, '
             f'as a random CabViT-H model\'s do at its initial BatchNorm statistics. Load trained weights or '
-            f'calibrate them first (timm_cabvit.deploy.calibrate_batchnorm(model)), or pass check=False.')
+            f'calibrate them first (timm_cabvit.tools.deploy.calibrate_batchnorm(model)), or pass check=False.')
     return dict(max_abs_diff=diff, max_abs_output=scale, max_rel_diff=diff / scale if scale else float('inf'),
                 batch_sizes=tuple(batch_sizes))
 
@@ -334,7 +331,7 @@ def _report(
         'dynamic_batch': dynamic_batch,
         'reparameterized': reparameterize,
         'params_before': params_before,
-        'params': _num_params(model),
+        'params': num_params(model),
     }
 
 

@@ -13,8 +13,8 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from . import import_extra
-from .cabvit import CabViT, CabViTBlock, CabViTStage
+from .. import import_extra
+from ..cabvit import CabViT, CabViTBlock, CabViTStage
 from .hub import create_model
 
 __all__ = ['attention_maps', 'cabvit_blocks', 'default_blocks', 'load_image', 'run_attention_command',
@@ -175,7 +175,7 @@ def run_attention_command(
 ) -> Path:
     """`timm-cabvit attention`: draw the attention maps of a model for an image and return the PNG's path.
 
-    The checkpoint is loaded by `timm_cabvit.hub.create_model` through the model's checkpoint filter, so our state
+    The checkpoint is loaded by `timm_cabvit.tools.hub.create_model` through the model's checkpoint filter, so our state
     dicts, train.py checkpoints and the reference layout all work, at the input size the checkpoint records unless
     `img_size` says another. The model is built without a classifier, which the maps do not need, so checkpoints
     of any number of classes load. Without a checkpoint the weights are random, the maps near uniform, and the

@@ -7,7 +7,7 @@
 - `ablation_ladder` / `ablation_table`: the paper's ideas added one at a time beside its Table 4 increments:
   `timm-cabvit ablation`.
 
-The counting itself is `timm_cabvit.flops` (fvcore with a handle for fused attention). Functions that take a
+The counting itself is `timm_cabvit.tools.flops` (fvcore with a handle for fused attention). Functions that take a
 while accept a `progress` bar (tqdm's interface: `update()`, `set_postfix_str()`), advanced once per model built
 or forward pass timed.
 """
@@ -20,8 +20,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Typed
 import timm
 import torch
 
-from . import import_extra
-from .flops import COMPONENTS, count_flops, flops_by_component
+from .. import import_extra
+from .flops import COMPONENTS, count_flops, flops_by_component, num_params
 
 __all__ = [
     'PAPER', 'PAPER_EXTRA_COMPUTE', 'PAPER_TABLE4', 'Timing', 'ablation_ladder', 'ablation_table', 'flops_report',
@@ -56,10 +56,6 @@ PAPER_EXTRA_COMPUTE = 0.13  # Sec. 3.3: "about 13 % extra computational cost" ov
 
 def _pct(part: float, whole: float) -> str:
     return f'{100 * part / whole:+.1f} %' if whole else '-'
-
-
-def _num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _working_on(progress: Any, what: str) -> None:
@@ -221,7 +217,7 @@ def models_table(model_names: Sequence[str], timing: Timing, progress: Any = Non
         paper = PAPER.get(name) or {}
         spread = f'{min(rates[name]):.1f}-{max(rates[name]):.1f}'
         rows.append(
-            f"{name:<12} {_num_params(model):>11,} {flops[name]:>7.3f} | {_fmt(paper.get('params_m'), 12, ' M')} "
+            f"{name:<12} {num_params(model):>11,} {flops[name]:>7.3f} | {_fmt(paper.get('params_m'), 12, ' M')} "
             f"{_fmt(paper.get('gflops'), 12)} {_fmt(paper.get('top1'), 11)} | {statistics.median(rates[name]):>7.1f} "
             f"{spread:>13}")
     return rows + notes + ([note] if note else [])
@@ -312,7 +308,7 @@ def ablation_ladder(
     for label, kwargs in ABLATION_STEPS:
         _working_on(progress, label)
         model = timm.create_model(model_name, img_size=img_size, **kwargs)
-        ladder.append(dict(step=label, kwargs=kwargs, params=_num_params(model), flops=count_flops(model, img_size)))
+        ladder.append(dict(step=label, kwargs=kwargs, params=num_params(model), flops=count_flops(model, img_size)))
         _advance(progress)
     return ladder
 

@@ -4,14 +4,13 @@ fvcore has no handle for fused attention, so without one it silently drops the a
 handle below counts them as the two batched matrix products they replace.
 """
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.models.convnext import ConvNeXtBlock
 
-from . import import_extra
-from .cabvit import CabViTBlock
+from .. import import_extra
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -51,43 +50,81 @@ def flop_analysis(
     return analysis
 
 
+def num_params(model: nn.Module) -> int:
+    """Parameter count of `model`: the one count beside its FLOPs that reports, exports and benchmarks share."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def count_flops(model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3) -> int:
     """Total fvcore FLOPs (multiply-adds) of one image."""
     return int(flop_analysis(model, input_size, in_chans).total())
 
 
 COMPONENTS = ('stem', 'ConvNeXt blocks', 'downsample', 'attention', 'TME', 'FFN', 'head')
+# the children of a pre-norm block (CabViT's, and those of timm's ViT, Swin, EfficientFormer, LeViT, NextViT) by
+# attribute name: a branch's norm and layer scale belong to its token mixer or FFN, as in the paper's Fig. 5
+BLOCK_PARTS = {'norm1': 'attention', 'attn': 'attention', 'digest_calib': 'attention', 'ls1': 'attention',
+               'tme': 'TME', 'norm2': 'FFN', 'mlp': 'FFN', 'ls2': 'FFN'}
+# the model's own children that are its stem and its head (timm's names)
+STEM_NAMES = ('stem', 'patch_embed')
+HEAD_NAMES = ('head', 'head_dist', 'norm', 'norm_pre', 'fc_norm')
 
 
 def _component(name: str, module: nn.Module, parent: nn.Module) -> Optional[str]:
     """The component a module belongs to wholly, or None when its children are classified instead."""
-    leaf = name.rsplit('.', 1)[-1]
-    if name in ('stem', 'patch_embed'):
+    leaf = name.rpartition('.')[2]
+    kind, parent_kind = type(module).__name__, type(parent).__name__
+    if name in STEM_NAMES:
         return 'stem'
-    if name in ('head', 'norm'):
+    if name in HEAD_NAMES:
         return 'head'
     if isinstance(module, ConvNeXtBlock):
         return 'ConvNeXt blocks'
     if leaf == 'downsample':
         return 'downsample'
-    if isinstance(parent, CabViTBlock):
-        return {'norm1': 'attention', 'attn': 'attention', 'digest_calib': 'attention', 'ls1': 'attention',
-                'tme': 'TME', 'norm2': 'FFN', 'mlp': 'FFN', 'ls2': 'FFN'}.get(leaf)
+    if 'Block' in parent_kind and leaf in BLOCK_PARTS:
+        return BLOCK_PARTS[leaf]
+    if 'Attention' in kind or kind == 'Pooling':  # the token mixers of timm's peers
+        return 'attention'
+    if 'Mlp' in kind:
+        return 'FFN'
     return None
 
 
+def component_fn(model: nn.Module) -> Callable[[str], str]:
+    """Maps a path in `model` (a module's, '' for the model itself, or a parameter's) to its component.
+
+    One taxonomy for FLOP counts (`flops_by_component`, the paper's Fig. 5) and for the op counts and profiles of
+    benchmarks/traffic.py and gpu_profile.py, across CabViT and timm peers (convnext, efficientformer, levit,
+    nextvit, ...): a module belongs to the component of its outermost classified ancestor (itself included): the
+    stem, the head, a whole ConvNeXt block, a downsampling layer, a block's part by name (`BLOCK_PARTS`), else a
+    token mixer or MLP by class name. Everything else, such as the residual adds, layout changes and digest
+    concatenation of blocks and stages, is 'other'. The model's own parameters (a class token) are the stem's; a
+    nested parameter is its module's.
+    """
+    modules = dict(model.named_modules())
+    components = {'': 'other'}
+    for name, module in modules.items():
+        if name:
+            parent = name.rpartition('.')[0]
+            found = components[parent]
+            components[name] = found if found != 'other' else _component(name, module, modules[parent]) or 'other'
+    components.update({name: 'stem' for name, _ in model.named_parameters(recurse=False)})
+
+    def component(path: str) -> str:
+        return components[path] if path in components else components[path.rpartition('.')[0]]
+
+    return component
+
+
 def component_modules(model: nn.Module) -> Dict[str, List[str]]:
-    """Names of the outermost modules of each component (stem, ConvNeXt blocks, ..., head)."""
-    parents = {name: model.get_submodule(name.rsplit('.', 1)[0]) if '.' in name else model
-               for name, _ in model.named_modules() if name}
+    """Names of the outermost modules (and model parameters) of each component (stem, ConvNeXt blocks, ..., head)."""
+    component = component_fn(model)
+    names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters(recurse=False)]
     found: Dict[str, List[str]] = {c: [] for c in COMPONENTS}
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(n + '.') for names in found.values() for n in names):
-            continue
-        component = _component(name, module, parents[name])
-        if component:
-            found[component].append(name)
-    found['stem'] += [n for n, _ in model.named_parameters(recurse=False)]  # class token
+    for name in names:
+        if component(name) != 'other' and component(name.rpartition('.')[0]) == 'other':
+            found[component(name)].append(name)
     return found
 
 
@@ -96,8 +133,8 @@ def flops_by_component(
 ) -> Dict[str, Dict[str, int]]:
     """Parameters and fvcore FLOPs of each component, the paper's Fig. 5 decomposition for a whole model.
 
-    Every parameter belongs to exactly one component; FLOPs not inside any (none in the CabViT models) go to
-    'other', so the components always sum to the total.
+    Components as `component_fn` assigns them; parameters and FLOPs outside every component (none in the CabViT
+    models; a peer's block-level layers) go to 'other', so the components always sum to the totals.
     """
     by_module = flop_analysis(model, input_size, getattr(model, 'in_chans', 3)).by_module()
     params = dict(model.named_parameters())

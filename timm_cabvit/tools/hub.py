@@ -31,8 +31,8 @@ from huggingface_hub.errors import (
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, save_for_hf, split_model_name_tag
 from timm.models._hub import generate_readme
 
-from .cabvit import convert_reference, is_reference_layout
-from .weights import (
+from ..cabvit import convert_reference, is_reference_layout
+from ..weights import (
     CheckpointError,
     check_checkpoint_file,
     checkpoint_metadata,
@@ -40,6 +40,7 @@ from .weights import (
     saved_img_size,
     unwrap_checkpoint,
 )
+from .flops import num_params
 
 __all__ = ['CheckpointError', 'create_model', 'export_checkpoint', 'parse_metrics', 'push']
 
@@ -158,7 +159,7 @@ def _saved_input(
         raise CheckpointError(
             f"The checkpoint records the input size {recorded[0]}x{recorded[1]}, not the given "
             f"{img_size[0]}x{img_size[1]}: leave the size out, or build the model at another size after loading it "
-            f"(timm_cabvit.hub.create_model(..., checkpoint=FILE, img_size=...) resamples its tables).")
+            f"(timm_cabvit.tools.hub.create_model(..., checkpoint=FILE, img_size=...) resamples its tables).")
     trained_at = saved_img_size(state_dict, model, img_size or recorded)
     if img_size is not None and trained_at != tuple(img_size):
         fits = f'they fit {trained_at[0]}x{trained_at[1]}' if trained_at else 'they fit no size this model has'
@@ -348,11 +349,10 @@ def _model_card(
 ) -> Dict[str, Any]:
     """Model card entries in the format of timm's `generate_readme`."""
     cfg = model.pretrained_cfg
-    num_params = sum(p.numel() for p in model.parameters())
     details = {
         'Model Type': 'Image classification / feature backbone',
         'Model Stats': {
-            'Params (M)': f'{num_params / 1e6:.1f}',
+            'Params (M)': f'{num_params(model) / 1e6:.1f}',
             'Image size': f'{model.img_size[0]} x {model.img_size[1]}',
             'Classes': model.num_classes,
         },
