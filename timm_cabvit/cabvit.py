@@ -35,7 +35,6 @@ from timm.layers import (
     PatchEmbed,
     calculate_drop_path_rates,
     get_device_dtype,
-    trunc_normal_,
     use_fused_attn,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
@@ -53,6 +52,7 @@ from .layers import (
     relative_position_bias,
     resize_token_grid,
     resized_parameter,
+    trunc_normal_,
 )
 from .tme import TokenMergeEnhance, set_tme_impl
 from .weights import (
