@@ -110,6 +110,19 @@ def copy_bandwidth_gbps(device: torch.device, size_mib: int, runs: int = 10) -> 
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def gemm_gflops(threads: int, size: int = 1024, runs: int = 10) -> float:
+    """fp32 GEMM throughput of the CPU at `threads` threads (median of `runs`): a yardstick of the machine's speed
+    at the time, as a virtual machine's host can slow it with no process of its own busy."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    try:
+        ms = time_ms(lambda: a @ b, torch.device('cpu'), iters=3, runs=runs, warmup=2)
+    finally:
+        torch.set_num_threads(saved)
+    return 2 * size ** 3 / (ms * 1e-3) / 1e9
+
+
 def environment(device: torch.device) -> Dict[str, Optional[str]]:
     """Device and software versions a result depends on."""
     import timm

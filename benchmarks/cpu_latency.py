@@ -15,8 +15,11 @@ figure is the median of the rounds, and each ratio against a peer the median of 
 
 Other processes' CPU use is measured before and during each variant (`timm_cabvit.tools.reports.OtherCpuUse`): where
 they kept cores busy that the threads needed, the figures are marked NOT TRUSTWORTHY and, with more than one
-thread, the whole run is repeated on one thread. Prints two markdown tables (latency; ratios against the peers)
-and writes them, with the machine and every timing, to benchmarks/results/cpu-<cpu>-<date>.md and .json.
+thread, the whole run is repeated on one thread. The machine's own speed, an fp32 GEMM's throughput and a large
+copy's bandwidth at the start and the end, goes with the figures: a virtual machine's host can slow it (1.5-1.9x
+seen here within a day) while no process on it is busy, which no load figure shows. Prints two markdown tables
+(latency; ratios against the peers) and writes them, with the machine and every timing, to
+benchmarks/results/cpu-<cpu>-<date>.md and .json.
 
     python benchmarks/cpu_latency.py                  # the acceptance set of issue 17: h_l1, h_l2 and their peers
     python benchmarks/cpu_latency.py --models cabvit_h_l1 convnext_pico --variants pytorch --rounds 20
@@ -38,8 +41,10 @@ import timm
 import torch
 from bench_utils import (
     RESULTS_DIR,
+    copy_bandwidth_gbps,
     cpu_model,
     dated_result_path,
+    gemm_gflops,
     markdown_table,
     num_cores,
     slug,
@@ -209,6 +214,7 @@ def machine_description(threads: int) -> Dict[str, object]:
         'cpu': cpu_model(), 'cores': num_cores(), 'threads': threads, 'hostname': socket.gethostname(),
         'platform': platform.platform(), 'python': platform.python_version(), 'torch': torch.__version__,
         'timm': timm.__version__, 'onnxruntime': onnxruntime.__version__, 'load_average_start': os.getloadavg(),
+        'gemm_gflops_start': gemm_gflops(threads), 'copy_gbps_start': copy_bandwidth_gbps(torch.device('cpu'), 64),
     }
 
 
@@ -247,6 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             result['notes'] = [f'Measured on 1 thread: at {args.threads} threads, ' + n[0].lower() + n[1:]
                                for n in first['notes']] + result['notes']
     machine['load_average_end'] = os.getloadavg()
+    machine['gemm_gflops_end'] = gemm_gflops(args.threads)
+    machine['copy_gbps_end'] = copy_bandwidth_gbps(torch.device('cpu'), 64)
     tables = [latency_table(args.models, result['records'], result['times']),
               ratio_table(args.models, result['records'], result['times'])]
     settings = {
@@ -270,6 +278,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"- torch {machine['torch']}, timm {machine['timm']}, onnxruntime {machine['onnxruntime']}",
         f"- load average (1, 5, 15 min) at start: {', '.join(f'{a:.2f}' for a in machine['load_average_start'])}; "
         f"at end: {', '.join(f'{a:.2f}' for a in machine['load_average_end'])}",
+        f"- machine speed at start and end, to compare runs (a host can slow the machine while no process on it is "
+        f"busy): fp32 GEMM 1024x1024x1024 at {args.threads} threads {machine['gemm_gflops_start']:.0f} and "
+        f"{machine['gemm_gflops_end']:.0f} GFLOP/s; copy of 64 MiB {machine['copy_gbps_start']:.1f} and "
+        f"{machine['copy_gbps_end']:.1f} GB/s read + written",
         f"- command: `{settings['command']}`", '',
     ])
     json_path = Path(dated_result_path(str(args.out_dir), f"cpu-{slug(machine['cpu']) or slug(machine['hostname'])}",
