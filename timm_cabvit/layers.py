@@ -66,9 +66,17 @@ def resize_rel_pos_table(table: torch.Tensor, old_window: Grid, new_window: Grid
 
 
 @torch.no_grad()
-def resized_parameter(param: nn.Parameter, old_size: Grid, new_size: Grid) -> nn.Parameter:
-    """A grid-laid parameter resampled to another token grid, frozen if the original was (set_input_size)."""
-    return nn.Parameter(resize_token_grid(param, old_size, new_size), requires_grad=param.requires_grad)
+def resized_parameter(
+        param: nn.Parameter,
+        old_size: Grid,
+        new_size: Grid,
+        resize: Callable[[torch.Tensor, Grid, Grid], torch.Tensor] = resize_token_grid,
+) -> nn.Parameter:
+    """A grid-laid parameter resampled by `resize` to another token grid, frozen if the original was
+    (set_input_size); the parameter itself for its own grid, so that an optimizer holding it keeps training it."""
+    if tuple(old_size) == tuple(new_size):
+        return param
+    return nn.Parameter(resize(param, old_size, new_size), requires_grad=param.requires_grad)
 
 
 def channels_last_parameter(weight: torch.Tensor) -> nn.Parameter:
@@ -251,8 +259,6 @@ class GridPosBias(nn.Module):
         nn.init.zeros_(self.attention_biases)
 
     def set_grid_size(self, grid_size: Grid) -> None:
-        if tuple(grid_size) == self.grid_size:
-            return
         self.attention_biases = resized_parameter(self.attention_biases, self.grid_size, grid_size)
         self.grid_size = tuple(grid_size)
 
@@ -295,14 +301,9 @@ class ClassTokenRelPosBias(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def set_grid_size(self, grid_size: Grid) -> None:
-        grid_size = tuple(grid_size)
-        if grid_size == self.grid_size:
-            return
-        with torch.no_grad():
-            table = resize_rel_pos_table(self.relative_position_bias_table, self.grid_size, grid_size)
-        self.relative_position_bias_table = nn.Parameter(
-            table, requires_grad=self.relative_position_bias_table.requires_grad)
-        self.grid_size = grid_size
+        self.relative_position_bias_table = resized_parameter(
+            self.relative_position_bias_table, self.grid_size, grid_size, resize_rel_pos_table)
+        self.grid_size = tuple(grid_size)
 
     def table(self, grid_size: Grid) -> torch.Tensor:
         """(heads, entries) for tokens on `grid_size`; for another grid than the table's, the resampled table."""
