@@ -303,12 +303,13 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True)
     _leave_num_classes_to_the_root(out_dir / HUB_CONFIG)
-    # the size in the file's own header too, so that the weights copied alone still say what they were trained at
+    # timm's weights again, as save_for_hf writes them, with the size in the file's own header too, so that the
+    # weights copied alone still say what they were trained at
     height, width = model.img_size
-    safetensors.torch.save_file(safetensors.torch.load_file(out_dir / HUB_WEIGHTS), out_dir / HUB_WEIGHTS,
-                                metadata={'format': 'pt', 'img_size': f'{height}x{width}'})
-    written = safetensors.torch.load_file(out_dir / HUB_WEIGHTS)
     expected = model.state_dict()
+    safetensors.torch.save_file(
+        expected, out_dir / HUB_WEIGHTS, metadata={'format': 'pt', 'img_size': f'{height}x{width}'})
+    written = safetensors.torch.load_file(out_dir / HUB_WEIGHTS)
     if written.keys() != expected.keys() or any(not torch.equal(written[k], v) for k, v in expected.items()):
         raise CheckpointError(f"'{out_dir / HUB_WEIGHTS}' does not hold the model's weights after writing it.")
 
