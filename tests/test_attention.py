@@ -34,7 +34,7 @@ def _attention_modules(model):
 
 @pytest.mark.parametrize('grid', [(4, 4), (3, 5)])
 def test_class_token_bias_is_timms_relative_position_index(grid):
-    """CabViT-P's bias, built from windows of a row table, equals timm's RelPosBias indexing of the same table."""
+    """CabViT-P's bias, built from rows of a row table, equals timm's RelPosBias indexing of the same table."""
     model = _model('cabvit_p_l0', img_size=(grid[0] * 16, grid[1] * 16))
     block = model.blocks[2]
     x = torch.randn(1, 1 + grid[0] * grid[1], 192)
@@ -208,7 +208,7 @@ def test_vmap_ensemble_jvp_and_fake_tensors(model_name):
 
 @pytest.mark.parametrize('model_name', MODELS)
 def test_gradient_and_layout_paths_give_one_bias(model_name, monkeypatch):
-    """Where the tables get gradients the bias is one gather by `bias_positions`, elsewhere windows of a row table:
+    """Where the tables get gradients the bias is one gather by `bias_positions`, elsewhere rows of a row table:
     the same bias, its rows aligned to MASK_ALIGNMENT keys for CUDA's memory-efficient attention."""
     model = _model(model_name, img_size=(96, 64))
     for attn in _attention_modules(model):

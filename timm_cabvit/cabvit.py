@@ -53,6 +53,7 @@ from .layers import (
     resize_token_grid,
     resized_parameter,
     trunc_normal_,
+    window_row_index,
 )
 from .tme import TokenMergeEnhance, set_tme_impl
 from .weights import (
@@ -229,7 +230,8 @@ class CrossBlockAttention(nn.Module):
 
     The position and depth biases are built from their tables on every forward pass; no bias is kept. One gather
     of O(N W) entries (`bias_index`) gives the position bias's row table and the depth biases in key order, and
-    windows of the row table give the position bias (`layers.relative_position_bias`): the fastest layout on CPU.
+    one gather of its rows (`window_rows`, O(N H)) gives the position bias (`layers.relative_position_bias`): the
+    fastest layout on CPU.
     Where the tables get gradients, one gather with an index of the whole bias (`bias_positions`, int32, built
     once for the position table's grid by the same layout) replaces it, as its backward takes fewer and larger ops. Past
     `max_bias_elements` the queries are taken in chunks of grid rows, so that a large input never holds the whole
@@ -265,11 +267,13 @@ class CrossBlockAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.register_buffer('bias_index', self._bias_index(pos_bias.grid_size, device), persistent=False)
+        self.register_buffer('window_rows', window_row_index(pos_bias.grid_size, device), persistent=False)
         self.register_buffer('bias_positions', self._bias_positions(), persistent=False)
 
     def init_non_persistent_buffers(self) -> None:
         """The index buffers for the grid of the position table (after construction on meta, or a resize)."""
         self.bias_index = self._bias_index(self.pos_bias.grid_size, self.bias_index.device)
+        self.window_rows = window_row_index(self.pos_bias.grid_size, self.bias_index.device)
         self.bias_positions = self._bias_positions()
 
     def _tables(self, grid_size: Grid) -> torch.Tensor:
@@ -300,7 +304,7 @@ class CrossBlockAttention(nn.Module):
         if self.depth_bias is not None:
             entries += self.depth_bias.bias[0].numel()
         table = torch.arange(entries, dtype=torch.int32, device=self.bias_index.device)[None]
-        return self._layout(table, grid_size, (0, grid_size[0]), self.bias_index)[0]
+        return self._layout(table, grid_size, (0, grid_size[0]), self.bias_index, self.window_rows)[0]
 
     def num_keys(self, grid_size: Grid) -> int:
         """Prefix tokens, tokens on `grid_size` and the digests of the earlier blocks."""
@@ -322,7 +326,12 @@ class CrossBlockAttention(nn.Module):
         return 0 if rows[0] == 0 else prefix + rows[0] * width, prefix + rows[1] * width
 
     def _layout(
-            self, table: torch.Tensor, grid_size: Grid, rows: Tuple[int, int], index: torch.Tensor,
+            self,
+            table: torch.Tensor,
+            grid_size: Grid,
+            rows: Tuple[int, int],
+            index: torch.Tensor,
+            window_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """(heads, queries, padded keys) bias of the queries in grid rows `rows` from `table` (heads, entries).
 
@@ -338,7 +347,8 @@ class CrossBlockAttention(nn.Module):
         if num_columns:
             sizes.append(num_columns)
         parts = entries.split(sizes, dim=1) if len(sizes) > 1 else [entries]
-        bias = relative_position_bias(parts[0].reshape(-1, 2 * height - 1, width, width), grid_size, rows)
+        bias = relative_position_bias(
+            parts[0].reshape(-1, 2 * height - 1, width, width), grid_size, rows, window_rows)
         if num_prefix:
             to_tokens, from_tokens, to_itself = parts[1].unbind(1)
             bias = torch.cat([from_tokens[:, None, None].expand(-1, num_rows, 1), bias], dim=-1)
@@ -366,8 +376,10 @@ class CrossBlockAttention(nn.Module):
             positions = self.bias_positions[start:end]
             bias = table.index_select(1, positions.flatten()).view(self.num_heads, -1, positions.shape[1])
         else:
-            index = self.bias_index if own_grid else self._bias_index(grid_size, table.device)
-            bias = self._layout(table, grid_size, rows, index)
+            if own_grid:
+                bias = self._layout(table, grid_size, rows, self.bias_index, self.window_rows)
+            else:
+                bias = self._layout(table, grid_size, rows, self._bias_index(grid_size, table.device))
         bias = bias[:, :, :self.num_keys(grid_size)]
         return bias if not torch.jit.is_scripting() and _exporting_onnx() else bias.unsqueeze(0)
 

