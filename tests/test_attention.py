@@ -207,6 +207,21 @@ def test_vmap_ensemble_jvp_and_fake_tensors(model_name):
 
 
 @pytest.mark.parametrize('model_name', MODELS)
+@pytest.mark.parametrize('context', [torch.no_grad, torch.inference_mode])
+def test_inference_never_gathers_the_whole_bias(model_name, context):
+    """Without gradients every attention lays its bias out from the row table, the block without digest keys too
+    (whose table is a parameter that requires grad): the whole-bias index is for training only."""
+    model = _model(model_name)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    for attn in _attention_modules(model):
+        attn.bias_positions = torch.empty(0, 0, dtype=torch.int32)  # any use of it fails
+    with context():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
 def test_gradient_and_layout_paths_give_one_bias(model_name, monkeypatch):
     """Where the tables get gradients the bias is one gather by `bias_positions`, elsewhere rows of a row table:
     the same bias, its rows aligned to MASK_ALIGNMENT keys for CUDA's memory-efficient attention."""

@@ -86,7 +86,8 @@ def _gather_whole_bias(table: torch.Tensor) -> bool:
     """Whether to gather the bias by one index of it: where the tables get gradients (fewer, larger backward ops)
     and under torch.compile (one simple gather kernel per block instead of a fused layout kernel to compile);
     not for FX proxies, which trace the layout (both give the same bias)."""
-    return isinstance(table, torch.Tensor) and (table.requires_grad or torch.compiler.is_compiling())
+    return isinstance(table, torch.Tensor) and (
+        (table.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling())
 
 
 @torch.jit.unused
@@ -369,7 +370,10 @@ class CrossBlockAttention(nn.Module):
         (torch 2.14) and ONNX Runtime broadcasts either.
         """
         table = self._tables(grid_size).to(dtype)
-        gather = table.requires_grad if torch.jit.is_scripting() else _gather_whole_bias(table)
+        if torch.jit.is_scripting():
+            gather = table.requires_grad and torch.is_grad_enabled()
+        else:
+            gather = _gather_whole_bias(table)
         own_grid = grid_size == self.pos_bias.grid_size
         if own_grid and gather:
             start, end = self.query_range(rows, grid_size[1])
