@@ -123,6 +123,20 @@ def gemm_gflops(threads: int, size: int = 1024, runs: int = 10) -> float:
     return 2 * size ** 3 / (ms * 1e-3) / 1e9
 
 
+def small_op_us(threads: int, runs: int = 10) -> float:
+    """Microseconds of an elementwise add of a CabViT block's FFN activation (196 x 768 fp32) at `threads` threads
+    (median of `runs`): the per-op dispatch and thread hand-off that small ops pay, which the GEMM yardstick does not
+    see (on 2026-12-03 a host ran these models 1.3-1.5x slower while the GEMM ran at full speed)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x = torch.randn(196, 768)
+    try:
+        ms = time_ms(lambda: torch.add(x, x), torch.device('cpu'), iters=200, runs=runs, warmup=2)
+    finally:
+        torch.set_num_threads(saved)
+    return ms * 1e3
+
+
 def environment(device: torch.device) -> Dict[str, Optional[str]]:
     """Device and software versions a result depends on."""
     import timm

@@ -15,9 +15,10 @@ figure is the median of the rounds, and each ratio against a peer the median of 
 
 Other processes' CPU use is measured before and during each variant (`timm_cabvit.tools.reports.OtherCpuUse`): where
 they kept cores busy that the threads needed, the figures are marked NOT TRUSTWORTHY and, with more than one
-thread, the whole run is repeated on one thread. The machine's own speed, an fp32 GEMM's throughput and a large
-copy's bandwidth at the start and the end, goes with the figures: a virtual machine's host can slow it (1.5-1.9x
-seen here within a day) while no process on it is busy, which no load figure shows. Prints two markdown tables
+thread, the whole run is repeated on one thread. The machine's own speed, an fp32 GEMM's throughput, a large
+copy's bandwidth and a small op's time (an add of 196x768 floats) at the start and the end, goes with the figures:
+a virtual machine's host can slow it (1.3-1.9x seen here within a day) while no process on it is busy, which no load
+figure shows, and once with the GEMM at full speed. Prints two markdown tables
 (latency; ratios against the peers) and writes them, with the machine and every timing, to
 benchmarks/results/cpu-<cpu>-<date>.md and .json.
 
@@ -48,6 +49,7 @@ from bench_utils import (
     markdown_table,
     num_cores,
     slug,
+    small_op_us,
     write_json,
 )
 from timm.utils import reparameterize_model
@@ -215,6 +217,7 @@ def machine_description(threads: int) -> Dict[str, object]:
         'platform': platform.platform(), 'python': platform.python_version(), 'torch': torch.__version__,
         'timm': timm.__version__, 'onnxruntime': onnxruntime.__version__, 'load_average_start': os.getloadavg(),
         'gemm_gflops_start': gemm_gflops(threads), 'copy_gbps_start': copy_bandwidth_gbps(torch.device('cpu'), 64),
+        'small_op_us_start': small_op_us(threads),
     }
 
 
@@ -255,6 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     machine['load_average_end'] = os.getloadavg()
     machine['gemm_gflops_end'] = gemm_gflops(args.threads)
     machine['copy_gbps_end'] = copy_bandwidth_gbps(torch.device('cpu'), 64)
+    machine['small_op_us_end'] = small_op_us(args.threads)
     tables = [latency_table(args.models, result['records'], result['times']),
               ratio_table(args.models, result['records'], result['times'])]
     settings = {
@@ -281,7 +285,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"- machine speed at start and end, to compare runs (a host can slow the machine while no process on it is "
         f"busy): fp32 GEMM 1024x1024x1024 at {args.threads} threads {machine['gemm_gflops_start']:.0f} and "
         f"{machine['gemm_gflops_end']:.0f} GFLOP/s; copy of 64 MiB {machine['copy_gbps_start']:.1f} and "
-        f"{machine['copy_gbps_end']:.1f} GB/s read + written",
+        f"{machine['copy_gbps_end']:.1f} GB/s read + written; add of 196x768 floats {machine['small_op_us_start']:.1f} "
+        f"and {machine['small_op_us_end']:.1f} us",
         f"- command: `{settings['command']}`", '',
     ])
     json_path = Path(dated_result_path(str(args.out_dir), f"cpu-{slug(machine['cpu']) or slug(machine['hostname'])}",
