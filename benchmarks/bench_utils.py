@@ -110,31 +110,29 @@ def copy_bandwidth_gbps(device: torch.device, size_mib: int, runs: int = 10) -> 
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def gemm_gflops(threads: int, size: int = 1024, runs: int = 10) -> float:
-    """fp32 GEMM throughput of the CPU at `threads` threads (median of `runs`): a yardstick of the machine's speed
-    at the time, as a virtual machine's host can slow it with no process of its own busy."""
+def cpu_time_ms(fn: Callable[[], object], threads: int, iters: int, runs: int = 10) -> float:
+    """`time_ms` of `fn` on the CPU at `threads` threads, the process's thread count restored after."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return time_ms(fn, torch.device('cpu'), iters=iters, runs=runs, warmup=2)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def gemm_gflops(threads: int, size: int = 1024) -> float:
+    """fp32 GEMM throughput of the CPU at `threads` threads: a yardstick of the machine's speed at the time, as a
+    virtual machine's host can slow it with no process of its own busy."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    try:
-        ms = time_ms(lambda: a @ b, torch.device('cpu'), iters=3, runs=runs, warmup=2)
-    finally:
-        torch.set_num_threads(saved)
-    return 2 * size ** 3 / (ms * 1e-3) / 1e9
+    return 2 * size ** 3 / (cpu_time_ms(lambda: a @ b, threads, iters=3) * 1e-3) / 1e9
 
 
-def small_op_us(threads: int, runs: int = 10) -> float:
-    """Microseconds of an elementwise add of a CabViT block's FFN activation (196 x 768 fp32) at `threads` threads
-    (median of `runs`): the per-op dispatch and thread hand-off that small ops pay, which the GEMM yardstick does not
-    see (on 2026-12-03 a host ran these models 1.3-1.5x slower while the GEMM ran at full speed)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
+def small_op_us(threads: int) -> float:
+    """Microseconds of an elementwise add of a CabViT block's FFN activation (196 x 768 fp32) at `threads` threads:
+    the per-op dispatch and thread hand-off that small ops pay, which the GEMM yardstick does not see (on 2026-12-03
+    a host ran these models 1.3-1.5x slower while the GEMM ran at full speed)."""
     x = torch.randn(196, 768)
-    try:
-        ms = time_ms(lambda: torch.add(x, x), torch.device('cpu'), iters=200, runs=runs, warmup=2)
-    finally:
-        torch.set_num_threads(saved)
-    return ms * 1e3
+    return cpu_time_ms(lambda: torch.add(x, x), threads, iters=200) * 1e3
 
 
 def environment(device: torch.device) -> Dict[str, Optional[str]]:

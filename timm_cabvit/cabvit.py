@@ -379,11 +379,10 @@ class CrossBlockAttention(nn.Module):
             start, end = self.query_range(rows, grid_size[1])
             positions = self.bias_positions[start:end]
             bias = table.index_select(1, positions.flatten()).view(self.num_heads, -1, positions.shape[1])
+        elif own_grid:
+            bias = self._layout(table, grid_size, rows, self.bias_index, self.window_rows)
         else:
-            if own_grid:
-                bias = self._layout(table, grid_size, rows, self.bias_index, self.window_rows)
-            else:
-                bias = self._layout(table, grid_size, rows, self._bias_index(grid_size, table.device))
+            bias = self._layout(table, grid_size, rows, self._bias_index(grid_size, table.device))
         bias = bias[:, :, :self.num_keys(grid_size)]
         return bias if not torch.jit.is_scripting() and _exporting_onnx() else bias.unsqueeze(0)
 
