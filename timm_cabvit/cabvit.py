@@ -30,10 +30,10 @@ from timm.layers import (
     DropPath,
     LayerNorm2d,
     LayerScale,
-    Mlp,
     NormMlpClassifierHead,
     PatchEmbed,
     calculate_drop_path_rates,
+    get_act_layer,
     get_device_dtype,
     use_fused_attn,
 )
@@ -45,6 +45,7 @@ from timm.models.convnext import ConvNeXtBlock
 from .layers import (
     ClassTokenRelPosBias,
     FoldableConvNormAct,
+    FusedGeluMlp,
     GridPosBias,
     batchnorm_momentum,
     check_img_size,
@@ -426,8 +427,9 @@ class CrossBlockAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class PreNormMlp(Mlp):
-    """timm's Mlp behind a LayerNorm of its own: the reference applies two LayerNorms before the FFN."""
+class PreNormMlp(FusedGeluMlp):
+    """timm's Mlp (its GELU fused on CPU) behind a LayerNorm of its own: the reference applies two LayerNorms
+    before the FFN."""
 
     def __init__(self, dim: int, hidden_dim: int, act_layer: Type[nn.Module], norm_layer: Type[nn.Module],
                  drop: float = 0., device=None, dtype=None):
@@ -435,8 +437,7 @@ class PreNormMlp(Mlp):
         self.pre_norm = norm_layer(dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop1(self.act(self.fc1(self.pre_norm(x))))
-        return self.drop2(self.fc2(self.norm(x)))
+        return self.drop2(self.fc2(self.norm(self.hidden(self.pre_norm(x)))))
 
 
 class CabViTBlock(nn.Module):
@@ -597,7 +598,7 @@ class Downsample(nn.Module):
 
 
 class ConvStage(nn.Module):
-    """Optional downsample, then timm ConvNeXt blocks."""
+    """Optional downsample, then timm ConvNeXt blocks (their Mlp a `FusedGeluMlp`)."""
 
     def __init__(
             self,
@@ -622,6 +623,8 @@ class ConvStage(nn.Module):
                 drop_path=drop_path[i], **dd)
             for i in range(depth)
         ])
+        for block in self.blocks:  # the same parameters and names as timm's Mlp, its GELU fused on CPU
+            block.mlp = FusedGeluMlp(out_chs, int(mlp_ratio * out_chs), act_layer=act_layer, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -744,6 +747,7 @@ class CabViT(nn.Module):
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.dynamic_img_size = dynamic_img_size
+        act_layer = get_act_layer(act_layer)
 
         self.stem = nn.Sequential(
             FoldableConvNormAct(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1, act_layer=act_layer, **dd),

@@ -1,0 +1,89 @@
+"""The MLPs' fused fc1 + GELU (oneDNN, CPU inference): timm's Mlp's function, and only where nothing needs more
+than a forward pass of float32 CPU tensors."""
+import pytest
+import timm
+import torch
+from timm.layers import Mlp
+from torch.profiler import profile
+
+import timm_cabvit.layers as layers
+from timm_cabvit.layers import FusedGeluMlp
+
+FUSED_OP = 'mkldnn::_linear_pointwise'
+
+pytestmark = pytest.mark.skipif(not layers.HAS_ONEDNN_LINEAR, reason='this torch build has no oneDNN')
+
+
+def _ops(fn) -> list:
+    """The names of the operators `fn()` dispatches, in order."""
+    with profile() as prof:
+        fn()
+    return [event.name for event in prof.events()]
+
+
+def _pair(**kwargs):
+    """A FusedGeluMlp in eval mode and timm's Mlp with the same weights."""
+    fused = FusedGeluMlp(16, 64, **kwargs).eval()
+    plain = Mlp(16, 64, **kwargs).eval()
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+@pytest.mark.parametrize('context', [torch.no_grad, torch.inference_mode])
+def test_inference_runs_one_fused_op_with_timms_result(context):
+    fused, plain = _pair()
+    x = torch.randn(2, 5, 7, 16).permute(0, 2, 1, 3)  # non-contiguous, as a permuted ConvNeXt map
+    with context():
+        expected = plain(x)
+        ops = _ops(lambda: fused(x))
+        torch.testing.assert_close(fused(x), expected, rtol=1e-6, atol=1e-6)
+    assert FUSED_OP in ops and 'aten::gelu' not in ops
+
+
+def test_gradients_training_autocast_and_other_dtypes_take_timms_ops():
+    fused, plain = _pair()
+    x = torch.randn(3, 16)
+    ops = _ops(lambda: fused(x).sum().backward())  # eval mode, gradients enabled: autograd needs timm's ops
+    assert FUSED_OP not in ops and 'aten::gelu' in ops
+    plain(x).sum().backward()
+    torch.testing.assert_close(fused.fc1.weight.grad, plain.fc1.weight.grad)
+    with torch.no_grad():
+        assert FUSED_OP not in _ops(lambda: fused.train()(x))  # dropout's place
+        fused.eval()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert FUSED_OP not in _ops(lambda: fused(x))
+        assert FUSED_OP not in _ops(lambda: fused.bfloat16()(x.bfloat16()))
+
+
+@pytest.mark.parametrize('act_layer, fused_here', [
+    (torch.nn.GELU, True), (timm.layers.GELU, True), (timm.layers.GELUTanh, False), (torch.nn.ReLU, False)])
+def test_only_the_exact_gelu_is_fused(act_layer, fused_here):
+    fused, plain = _pair(act_layer=act_layer)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert (FUSED_OP in _ops(lambda: fused(x))) == fused_here
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.trace_method` is deprecated')
+def test_scripted_traced_and_without_onednn_it_is_timms_path(monkeypatch):
+    fused, plain = _pair()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = plain(x)
+        torch.testing.assert_close(torch.jit.script(fused)(x), expected, rtol=1e-6, atol=1e-6)
+        traced = torch.jit.trace(fused, x)
+        assert 'mkldnn' not in str(traced.graph)
+        monkeypatch.setattr(layers, 'HAS_ONEDNN_LINEAR', False)
+        assert FUSED_OP not in _ops(lambda: fused(x))
+
+
+@pytest.mark.parametrize('act_layer', [torch.nn.GELU, 'gelu'])
+def test_every_mlp_of_the_model_fuses_in_inference(act_layer):
+    model = timm.create_model('cabvit_h_l1', img_size=64, act_layer=act_layer).eval()
+    x = torch.randn(1, 3, 64, 64)
+    expected = model(x).detach()  # gradients enabled: timm's path
+    with torch.inference_mode():
+        ops = _ops(lambda: model(x))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert ops.count(FUSED_OP) == sum(isinstance(m, FusedGeluMlp) for m in model.modules()) == 12
