@@ -2,6 +2,7 @@
 import importlib
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -129,3 +130,21 @@ def test_gpu_profile_cpu_smoke(benchmarks, tmp_path):
     assert written['rows'][0]['passes']['training']['total_ms'] == pytest.approx(training['total_ms'])
     lines = next(tmp_path.glob('profile-*.md')).read_text().splitlines()
     assert sum(line.startswith('| attention |') for line in lines) == 2  # inference and training tables
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (BENCHMARKS.parent / '.git').exists(), reason='ab.py reads a git revision: no git checkout')
+def test_ab_against_head_runs_both_versions(tmp_path):
+    """ab.py builds the model from HEAD's package and from this checkout's, in one process (run as a script: its
+    import of the other version takes over timm's registry), and prints their ratio and output difference."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / 'ab.py'), '--against', 'HEAD', '--models', 'cabvit_h_l1', '--rounds', '2',
+         '--img-size', '64', '--threads', '1'], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    table = [line for line in done.stdout.splitlines() if line.startswith('| cabvit_h_l1 |')]
+    assert len(table) == 1 and float(table[0].split('|')[4]) > 0
+    assert 'HEAD ms' in done.stdout and 'cores kept busy' in done.stdout
+    missing = subprocess.run([sys.executable, str(BENCHMARKS / 'ab.py'), '--against', 'no-such-revision'],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert missing.returncode == 1 and 'git archive no-such-revision' in missing.stderr
+    assert 'Traceback' not in missing.stderr
