@@ -87,3 +87,35 @@ def test_every_mlp_of_the_model_fuses_in_inference(act_layer):
         ops = _ops(lambda: model(x))
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     assert ops.count(FUSED_OP) == sum(isinstance(m, FusedGeluMlp) for m in model.modules()) == 12
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning', 'ignore:torch.quantize_per_tensor')
+def test_a_swapped_or_hooked_fc1_or_act_runs_as_it_is():
+    """The fusion reads fc1's weights itself: a quantized fc1, a wrapped one (LoRA-style) or a forward hook on fc1
+    or the activation must see the module called, so each takes timm's path."""
+    x = torch.randn(3, 16)
+    fused, plain = _pair()
+    seen = []
+    handle = fused.fc1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        assert FUSED_OP not in _ops(lambda: fused(x)) and seen == [(3, 64)]
+        handle.remove()
+        handle = fused.act.register_forward_pre_hook(lambda module, args: seen.append('act'))
+        assert FUSED_OP not in _ops(lambda: fused(x)) and seen[-1] == 'act'
+        handle.remove()
+        assert FUSED_OP in _ops(lambda: fused(x))
+
+        class Scaled(torch.nn.Linear):  # a subclass computes something else with the same weights
+            def forward(self, inp):
+                return 2 * super().forward(inp)
+
+        scaled = Scaled(16, 64)
+        scaled.load_state_dict(fused.fc1.state_dict())
+        fused.fc1 = scaled
+        torch.testing.assert_close(fused(x), plain.fc2(plain.act(2 * plain.fc1(x))))
+    model = timm.create_model('cabvit_h_l1', img_size=64).eval()
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    image = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        ops = _ops(lambda: quantized(image))
+        assert FUSED_OP not in ops and torch.isfinite(quantized(image)).all()

@@ -232,24 +232,30 @@ def onednn_inference(x: Any, module: nn.Module) -> bool:
     )
 
 
+def _called_as_is(module: nn.Module) -> bool:
+    """Whether calling `module` runs its forward and nothing else: no forward hooks of its own or global ones."""
+    return not (module._forward_hooks or module._forward_pre_hooks
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
 class FusedGeluMlp(Mlp):
     """timm's Mlp whose fc1 and exact GELU are one oneDNN op in CPU inference (`onednn_inference`).
 
     The GELU then takes no pass of its own over the hidden activations, the widest tensor of a block: cabvit_h_l2's
-    batch-1 latency 4 % lower at 2 threads (3 % at 1), cabvit_h_l1's 0.5-2 %. Everywhere else, timm's path.
+    batch-1 latency 4 % lower at 2 threads (3 % at 1), cabvit_h_l1's 0.5-2 %. Only while fc1 is a plain nn.Linear
+    and the activation an exact GELU, neither with forward hooks: a quantized, LoRA-wrapped or hooked fc1 (swapped
+    or hooked after construction) runs as it is, through timm's path, as everywhere else.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        exact_gelu = type(self.act) is GELU or type(self.act) is nn.GELU and self.act.approximate == 'none'
-        self.fuse_gelu = isinstance(self.fc1, nn.Linear) and exact_gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.norm(self.hidden(x))))
 
     @torch.jit.unused
     def _fused(self, x: torch.Tensor) -> bool:
-        return self.fuse_gelu and onednn_inference(x, self)
+        fc1, act = self.fc1, self.act
+        exact_gelu = type(act) is GELU or type(act) is nn.GELU and act.approximate == 'none'
+        return (type(fc1) is nn.Linear and exact_gelu and _called_as_is(fc1) and _called_as_is(act)
+                and onednn_inference(x, self))
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """fc1, activation and dropout."""
