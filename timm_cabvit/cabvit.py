@@ -624,7 +624,7 @@ class ConvStage(nn.Module):
             for i in range(depth)
         ])
         for block in self.blocks:  # the same parameters and names as timm's Mlp, its GELU fused on CPU
-            block.mlp = FusedGeluMlp(out_chs, int(mlp_ratio * out_chs), act_layer=act_layer, **dd)
+            block.mlp = FusedGeluMlp(out_chs, block.mlp.fc1.out_features, act_layer=act_layer, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)

@@ -216,17 +216,17 @@ class FoldableConvNormAct(ConvNormAct):
         return nn.Sequential(fused, *tail) if tail else fused
 
 
-def onednn_inference(x: Any, module: nn.Module) -> bool:
-    """Whether oneDNN's fused CPU ops may stand in for `module`'s PyTorch ops on `x`.
+def onednn_inference(x: Any, linear: nn.Linear) -> bool:
+    """Whether a oneDNN fused CPU op may read `linear`'s weights to stand in for it (and what follows it) on `x`.
 
-    They compute the same function but have no autograd, autocast, batching or tracing rules: so only a plain
-    float32 CPU tensor, a module in eval mode, nothing to differentiate, and no autocast, vmap / jvp, JIT or FX
-    trace, ONNX export or torch.compile (inductor fuses by itself).
+    It computes the same function but has no autograd, autocast, batching or tracing rules: so only a plain float32
+    CPU tensor, no gradient wanted for it or the weights, and no autocast, vmap / jvp, JIT or FX trace, ONNX export
+    or torch.compile (inductor fuses by itself).
     """
     return (
         HAS_ONEDNN_LINEAR and not torch.compiler.is_compiling()
-        and type(x) is torch.Tensor and x.device.type == 'cpu' and x.dtype == torch.float32 and not module.training
-        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+        and type(x) is torch.Tensor and x.device.type == 'cpu' and x.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in linear.parameters())))
         and not torch.is_autocast_enabled('cpu') and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
     )
@@ -254,8 +254,8 @@ class FusedGeluMlp(Mlp):
     def _fused(self, x: torch.Tensor) -> bool:
         fc1, act = self.fc1, self.act
         exact_gelu = type(act) is GELU or type(act) is nn.GELU and act.approximate == 'none'
-        return (type(fc1) is nn.Linear and exact_gelu and _called_as_is(fc1) and _called_as_is(act)
-                and onednn_inference(x, self))
+        return (not self.training and type(fc1) is nn.Linear and exact_gelu and _called_as_is(fc1)
+                and _called_as_is(act) and onednn_inference(x, fc1))
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """fc1, activation and dropout."""
