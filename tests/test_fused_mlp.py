@@ -1,5 +1,6 @@
-"""The MLPs' fused fc1 + GELU (oneDNN, CPU inference): timm's Mlp's function, and only where nothing needs more
-than a forward pass of float32 CPU tensors."""
+"""The blocks' linears through oneDNN in CPU inference (the MLPs' fc1 + GELU as one op, `run_linear` for the
+others): timm's and nn.Linear's function, and only where nothing needs more than a forward pass of float32 CPU
+tensors, on a plain nn.Linear called as is."""
 import pytest
 import timm
 import torch
@@ -7,7 +8,7 @@ from timm.layers import Mlp
 from torch.profiler import profile
 
 import timm_cabvit.layers as layers
-from timm_cabvit.layers import FusedGeluMlp
+from timm_cabvit.layers import FusedGeluMlp, run_linear
 
 FUSED_OP = 'mkldnn::_linear_pointwise'
 
@@ -48,7 +49,7 @@ def test_gradients_training_autocast_and_other_dtypes_take_timms_ops():
     plain(x).sum().backward()
     torch.testing.assert_close(fused.fc1.weight.grad, plain.fc1.weight.grad)
     with torch.no_grad():
-        assert FUSED_OP not in _ops(lambda: fused.train()(x))  # dropout's place
+        assert 'aten::gelu' in _ops(lambda: fused.train()(x))  # dropout's place
         fused.eval()
         with torch.autocast('cpu', dtype=torch.bfloat16):
             assert FUSED_OP not in _ops(lambda: fused(x))
@@ -61,7 +62,7 @@ def test_only_the_exact_gelu_is_fused(act_layer, fused_here):
     fused, plain = _pair(act_layer=act_layer)
     x = torch.randn(3, 16)
     with torch.no_grad():
-        assert (FUSED_OP in _ops(lambda: fused(x))) == fused_here
+        assert _ops(lambda: fused(x)).count(FUSED_OP) == (2 if fused_here else 1)  # fc2's always
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-6, atol=1e-6)
 
 
@@ -78,15 +79,50 @@ def test_scripted_traced_and_without_onednn_it_is_timms_path(monkeypatch):
         assert FUSED_OP not in _ops(lambda: fused(x))
 
 
+@pytest.mark.parametrize('context', [torch.no_grad, torch.inference_mode])
+def test_run_linear_is_the_linear_in_inference(context):
+    linear = torch.nn.Linear(16, 8)
+    x = torch.randn(2, 5, 7, 16).permute(0, 2, 1, 3)
+    with context():
+        ops = _ops(lambda: run_linear(linear, x))
+        torch.testing.assert_close(run_linear(linear, x), linear(x), rtol=1e-6, atol=1e-6)
+    assert FUSED_OP in ops and 'aten::linear' not in ops
+    ops = _ops(lambda: run_linear(linear, x).sum().backward())
+    assert FUSED_OP not in ops and linear.weight.grad is not None
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert FUSED_OP not in _ops(lambda: run_linear(linear, x))
+
+
+def test_run_linear_calls_a_hooked_or_subclassed_linear():
+    x = torch.randn(3, 16)
+    linear = torch.nn.Linear(16, 8)
+    seen = []
+    handle = linear.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        assert FUSED_OP not in _ops(lambda: run_linear(linear, x)) and seen == [(3, 8)]
+        handle.remove()
+
+        class Scaled(torch.nn.Linear):
+            def forward(self, inp):
+                return 2 * super().forward(inp)
+
+        scaled = Scaled(16, 8)
+        scaled.load_state_dict(linear.state_dict())
+        torch.testing.assert_close(run_linear(scaled, x), 2 * linear(x))
+
+
 @pytest.mark.parametrize('act_layer', [torch.nn.GELU, 'gelu'])
-def test_every_mlp_of_the_model_fuses_in_inference(act_layer):
+def test_every_linear_of_the_blocks_runs_through_onednn_in_inference(act_layer):
     model = timm.create_model('cabvit_h_l1', img_size=64, act_layer=act_layer).eval()
     x = torch.randn(1, 3, 64, 64)
     expected = model(x).detach()  # gradients enabled: timm's path
     with torch.inference_mode():
         ops = _ops(lambda: model(x))
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-    assert ops.count(FUSED_OP) == sum(isinstance(m, FusedGeluMlp) for m in model.modules()) == 12
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not model.get_classifier()]
+    mlps = [m for m in model.modules() if isinstance(m, FusedGeluMlp)]
+    assert len(mlps) == 12 and len(linears) == 2 * 12 + 2 * 8  # each MLP's fc1 and fc2, each attention's qkv, proj
+    assert ops.count(FUSED_OP) == len(linears) and ops.count('aten::linear') == 1  # the classifier's
 
 
 @pytest.mark.filterwarnings('ignore::DeprecationWarning', 'ignore:torch.quantize_per_tensor')
@@ -98,12 +134,12 @@ def test_a_swapped_or_hooked_fc1_or_act_runs_as_it_is():
     seen = []
     handle = fused.fc1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     with torch.no_grad():
-        assert FUSED_OP not in _ops(lambda: fused(x)) and seen == [(3, 64)]
+        assert _ops(lambda: fused(x)).count(FUSED_OP) == 1 and seen == [(3, 64)]  # fc2's
         handle.remove()
         handle = fused.act.register_forward_pre_hook(lambda module, args: seen.append('act'))
-        assert FUSED_OP not in _ops(lambda: fused(x)) and seen[-1] == 'act'
+        assert _ops(lambda: fused(x)).count(FUSED_OP) == 1 and seen[-1] == 'act'
         handle.remove()
-        assert FUSED_OP in _ops(lambda: fused(x))
+        assert _ops(lambda: fused(x)).count(FUSED_OP) == 2
 
         class Scaled(torch.nn.Linear):  # a subclass computes something else with the same weights
             def forward(self, inp):

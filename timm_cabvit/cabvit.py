@@ -53,6 +53,7 @@ from .layers import (
     relative_position_bias,
     resize_token_grid,
     resized_parameter,
+    run_linear,
     trunc_normal_,
     window_row_index,
 )
@@ -399,7 +400,8 @@ class CrossBlockAttention(nn.Module):
         """
         B, N, C = x.shape
         tokens = x if digests is None else torch.cat([x, digests], dim=1)
-        qkv = self.qkv(tokens).reshape(B, tokens.shape[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(tokens) if torch.jit.is_scripting() else run_linear(self.qkv, tokens)
+        qkv = qkv.reshape(B, tokens.shape[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         return q[:, :, :N], k, v
 
@@ -427,7 +429,7 @@ class CrossBlockAttention(nn.Module):
             outputs.append(out)
         x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(x) if torch.jit.is_scripting() else run_linear(self.proj, x))
 
 
 class PreNormMlp(FusedGeluMlp):
@@ -440,7 +442,7 @@ class PreNormMlp(FusedGeluMlp):
         self.pre_norm = norm_layer(dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.norm(self.hidden(self.pre_norm(x)))))
+        return self.project(self.norm(self.hidden(self.pre_norm(x))))
 
 
 class CabViTBlock(nn.Module):

@@ -2,9 +2,10 @@
 
 LeViT-style (`GridPosBias`) and BEiT-style (`ClassTokenRelPosBias`) position biases that can be evaluated for any
 token grid (resampling their learned tables, for `dynamic_img_size` and checkpoints of other sizes: the geometry
-of `resize_token_grid` and `resize_rel_pos_table`), the conv + BatchNorm that
-`timm.utils.reparameterize_model` folds, timm's Mlp with its fc1 and GELU as one oneDNN op in CPU inference, and the
-checks that give a wrong input a clear error. Like `timm.layers`, they know nothing of cross-block attention.
+of `resize_token_grid` and `resize_rel_pos_table`), the conv + BatchNorm that `timm.utils.reparameterize_model`
+folds, oneDNN's linear for the blocks' linears in CPU inference (`run_linear`; timm's Mlp with its fc1 and GELU as
+one op), and the checks that give a wrong input a clear error. Like `timm.layers`, they know nothing of cross-block
+attention.
 """
 import functools
 import math
@@ -21,7 +22,7 @@ from timm.layers._fx import register_notrace_function
 __all__ = [
     'ClassTokenRelPosBias', 'FoldableConvNormAct', 'FusedGeluMlp', 'GridPosBias', 'MAX_TOKENS', 'batchnorm_momentum',
     'channels_last_parameter', 'check_img_size', 'check_input', 'relative_position_bias', 'resize_rel_pos_table',
-    'resize_token_grid', 'resized_parameter', 'row_offset_index', 'trunc_normal_', 'window_row_index',
+    'resize_token_grid', 'resized_parameter', 'row_offset_index', 'run_linear', 'trunc_normal_', 'window_row_index',
 ]
 
 Grid = Tuple[int, int]
@@ -29,7 +30,8 @@ Grid = Tuple[int, int]
 # Global attention over the tokens of a stage needs a (heads, N, N) bias: beyond this many tokens (a 2048x2048
 # image at stride 16) it no longer fits in memory, so larger sizes are refused up front.
 MAX_TOKENS = 128 * 128
-# oneDNN's linear with a fused activation, the op inductor's CPU backend emits; absent from builds without oneDNN.
+# oneDNN's linear, with a fused activation or none, the op inductor's CPU backend emits; absent from builds without
+# oneDNN.
 HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
 
@@ -238,8 +240,29 @@ def _called_as_is(module: nn.Module) -> bool:
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is an nn.Linear whose weights an op may read in its stead: not a subclass (a quantized or
+    LoRA-wrapped layer computes something else with them) and called as is."""
+    return type(module) is nn.Linear and _called_as_is(module)
+
+
+@torch.jit.unused
+def run_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)`, by oneDNN's linear op where it may stand in for a plain nn.Linear (`onednn_inference`).
+
+    F.linear's GEMM is MKL's, which on the AMD EPYC machines measured took 1.1-1.8x oneDNN's time at the blocks'
+    shapes and batches 1-64 (2 threads; 0.9x only for the smallest square projections at batch 1): with the
+    blocks' qkv, proj and fc2 through oneDNN, cabvit_h_l1's and h_l2's batch-1 latency is 5 % lower at 2 threads,
+    3-5 % at 1, and 7-12 % at batches 8-32.
+    """
+    if _plain_linear(linear) and onednn_inference(x, linear):
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, 'none', [], '')
+    return linear(x)
+
+
 class FusedGeluMlp(Mlp):
-    """timm's Mlp whose fc1 and exact GELU are one oneDNN op in CPU inference (`onednn_inference`).
+    """timm's Mlp through oneDNN in CPU inference (`onednn_inference`): fc1 and exact GELU as one op, fc2 by
+    `run_linear`.
 
     The GELU then takes no pass of its own over the hidden activations, the widest tensor of a block: cabvit_h_l2's
     batch-1 latency 4 % lower at 2 threads (3 % at 1), cabvit_h_l1's 0.5-2 %. Only while fc1 is a plain nn.Linear
@@ -248,20 +271,24 @@ class FusedGeluMlp(Mlp):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.norm(self.hidden(x))))
+        return self.project(self.norm(self.hidden(x)))
 
     @torch.jit.unused
     def _fused(self, x: torch.Tensor) -> bool:
-        fc1, act = self.fc1, self.act
+        act = self.act
         exact_gelu = type(act) is GELU or type(act) is nn.GELU and act.approximate == 'none'
-        return (not self.training and type(fc1) is nn.Linear and exact_gelu and _called_as_is(fc1)
-                and _called_as_is(act) and onednn_inference(x, fc1))
+        return (not self.training and _plain_linear(self.fc1) and exact_gelu and _called_as_is(act)
+                and onednn_inference(x, self.fc1))
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """fc1, activation and dropout."""
         if not torch.jit.is_scripting() and self._fused(x):
             return torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, 'gelu', [], 'none')
         return self.drop1(self.act(self.fc1(x)))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """fc2 and dropout."""
+        return self.drop2(self.fc2(x) if torch.jit.is_scripting() else run_linear(self.fc2, x))
 
 
 def row_offset_index(grid_size: Grid, device: Optional[torch.device] = None) -> torch.Tensor:
