@@ -155,3 +155,41 @@ def test_a_swapped_or_hooked_fc1_or_act_runs_as_it_is():
     with torch.inference_mode():
         ops = _ops(lambda: quantized(image))
         assert FUSED_OP not in ops and torch.isfinite(quantized(image)).all()
+
+
+COMPILED_OP = 'timm_cabvit::onednn_linear'
+
+
+def test_compiled_inference_calls_onednn_as_an_op_and_training_does_not():
+    """Under torch.compile oneDNN's linear is an op of the graph (aot_eager here: no C++ compiler needed); with
+    gradients wanted the graph keeps aten's linear for autograd."""
+    model = timm.create_model('cabvit_h_l1', img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    expected = model(x).detach()
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        ops = _ops(lambda: compiled(x))
+    blocks_linears = sum(type(m) is torch.nn.Linear for m in model.modules()) - 1  # all but the classifier
+    assert ops.count(COMPILED_OP) == blocks_linears == 40
+    ops = _ops(lambda: compiled(x).sum().backward())
+    assert COMPILED_OP not in ops and FUSED_OP not in ops
+    assert model.stages[2].blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_exported_programs_keep_atens_linear():
+    model = timm.create_model('cabvit_h_l1', img_size=64).eval()
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(1, 3, 64, 64),))
+    graph = str(program.graph)
+    assert 'onednn_linear' not in graph and 'mkldnn' not in graph and 'aten.linear' in graph
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_onednn_op():
+    fused, plain = _pair()
+    x = torch.randn(2, 7, 16)
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
+        assert _ops(lambda: compiled(x)).count(COMPILED_OP) == 2
