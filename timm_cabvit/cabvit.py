@@ -43,6 +43,7 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.convnext import ConvNeXtBlock
 
 from .layers import (
+    OP_NAMESPACE,
     ClassTokenRelPosBias,
     FoldableConvNormAct,
     FusedGeluMlp,
@@ -50,6 +51,7 @@ from .layers import (
     batchnorm_momentum,
     check_img_size,
     check_input,
+    compiled_inference,
     relative_position_bias,
     resize_token_grid,
     resized_parameter,
@@ -102,6 +104,21 @@ def _in_func_transform(x: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
         return False
     return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+@torch.library.custom_op(f'{OP_NAMESPACE}::gather_bias', mutates_args=())
+def _compiled_bias_gather(tables: List[torch.Tensor], positions: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The attention bias gathered from its tables as an op that torch.compile calls as it is. Written out,
+    inductor makes the tables' concatenation and the gather one C++ kernel per block, as the sizes grow with the
+    digests, at about a second of compile time each: cabvit_h_l2 compiles 32 kernels instead of 41, in 0.87x the
+    time, and runs as fast (1.006x)."""
+    table = torch.cat(tables, dim=1) if len(tables) > 1 else tables[0]
+    return table.index_select(1, positions.flatten()).view(num_heads, -1, positions.shape[1])
+
+
+@_compiled_bias_gather.register_fake
+def _(tables: List[torch.Tensor], positions: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return tables[0].new_empty((num_heads, positions.shape[0], positions.shape[1]))
 
 
 def digest_grid_size(grid_size: Grid) -> Grid:
@@ -282,12 +299,22 @@ class CrossBlockAttention(nn.Module):
         self.window_rows = window_row_index(self.pos_bias.grid_size, self.bias_index.device)
         self.bias_positions = self._bias_positions()
 
+    def _table_parts(self, grid_size: Grid) -> List[torch.Tensor]:
+        """The position table, then the depth table where there is one, (heads, entries) each."""
+        parts = [self.pos_bias.table(grid_size)]
+        if self.depth_bias is not None:
+            parts.append(self.depth_bias.table(digest_grid_size(grid_size)))
+        return parts
+
     def _tables(self, grid_size: Grid) -> torch.Tensor:
         """(heads, entries): the position table, then the depth table."""
-        table = self.pos_bias.table(grid_size)
-        if self.depth_bias is None:
-            return table
-        return torch.cat([table, self.depth_bias.table(digest_grid_size(grid_size))], dim=1)
+        parts = self._table_parts(grid_size)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    @torch.jit.unused
+    def _compiled_gather(self, grid_size: Grid, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        parts = [part.to(dtype) for part in self._table_parts(grid_size)]
+        return _compiled_bias_gather(parts, positions, self.num_heads)
 
     @torch.jit.unused
     def _bias_index(self, grid_size: Grid, device: Optional[torch.device]) -> torch.Tensor:
@@ -383,7 +410,10 @@ class CrossBlockAttention(nn.Module):
         if own_grid and gather:
             start, end = self.query_range(rows, grid_size[1])
             positions = self.bias_positions[start:end]
-            bias = table.index_select(1, positions.flatten()).view(self.num_heads, -1, positions.shape[1])
+            if torch.jit.is_scripting() or not compiled_inference():
+                bias = table.index_select(1, positions.flatten()).view(self.num_heads, -1, positions.shape[1])
+            else:
+                bias = self._compiled_gather(grid_size, positions, dtype)
         elif own_grid:
             bias = self._layout(table, grid_size, rows, self.bias_index, self.window_rows)
         else:

@@ -20,9 +20,10 @@ from timm.layers import trunc_normal_ as timm_trunc_normal_
 from timm.layers._fx import register_notrace_function
 
 __all__ = [
-    'ClassTokenRelPosBias', 'FoldableConvNormAct', 'FusedGeluMlp', 'GridPosBias', 'MAX_TOKENS', 'batchnorm_momentum',
-    'channels_last_parameter', 'check_img_size', 'check_input', 'relative_position_bias', 'resize_rel_pos_table',
-    'resize_token_grid', 'resized_parameter', 'row_offset_index', 'run_linear', 'trunc_normal_', 'window_row_index',
+    'ClassTokenRelPosBias', 'FoldableConvNormAct', 'FusedGeluMlp', 'GridPosBias', 'MAX_TOKENS', 'OP_NAMESPACE',
+    'batchnorm_momentum', 'channels_last_parameter', 'check_img_size', 'check_input', 'compiled_inference',
+    'relative_position_bias', 'resize_rel_pos_table', 'resize_token_grid', 'resized_parameter', 'row_offset_index',
+    'run_linear', 'trunc_normal_', 'window_row_index',
 ]
 
 Grid = Tuple[int, int]
@@ -222,6 +223,13 @@ class FoldableConvNormAct(ConvNormAct):
         fused.bias.copy_(bias if conv.bias is None else bias + conv.bias * scale)
         tail = [m for m in (bn.drop, bn.act) if not isinstance(m, nn.Identity)]
         return nn.Sequential(fused, *tail) if tail else fused
+
+
+@torch.jit.unused
+def compiled_inference() -> bool:
+    """Whether torch.compile (not torch.export) traces a graph without gradients: there an op of the package may
+    stand in for aten's ops, as inductor then calls it as it is."""
+    return torch.compiler.is_compiling() and not _is_exporting() and not torch.is_grad_enabled()
 
 
 def onednn_inference(x: Any, linear: nn.Linear) -> bool:
