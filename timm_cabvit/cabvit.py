@@ -111,7 +111,7 @@ def _compiled_bias_gather(tables: List[torch.Tensor], positions: torch.Tensor, n
     """The attention bias gathered from its tables as an op that torch.compile calls as it is. Written out,
     inductor makes the tables' concatenation and the gather one C++ kernel per block, as the sizes grow with the
     digests, at about a second of compile time each: cabvit_h_l2 compiles 32 kernels instead of 41, in 0.87x the
-    time, and runs as fast (1.006x)."""
+    time; compiled runtime 1.006x (h_l2) and 1.023x (h_l1) in one process."""
     table = torch.cat(tables, dim=1) if len(tables) > 1 else tables[0]
     return table.index_select(1, positions.flatten()).view(num_heads, -1, positions.shape[1])
 
