@@ -1,6 +1,6 @@
 """The blocks' linears through oneDNN in CPU inference (the MLPs' fc1 + GELU as one op, `run_linear` for the
 others): timm's and nn.Linear's function, and only where nothing needs more than a forward pass of float32 CPU
-tensors, on a plain nn.Linear called as is."""
+tensors, on a plain nn.Linear called as is. Under torch.compile they and the bias gather are ops of the package."""
 import pytest
 import timm
 import torch
@@ -8,6 +8,7 @@ from timm.layers import Mlp
 from torch.profiler import profile
 
 import timm_cabvit.layers as layers
+from timm_cabvit.cabvit import CrossBlockAttention
 from timm_cabvit.layers import FusedGeluMlp, run_linear
 
 FUSED_OP = 'mkldnn::_linear_pointwise'
@@ -158,11 +159,12 @@ def test_a_swapped_or_hooked_fc1_or_act_runs_as_it_is():
 
 
 COMPILED_OP = 'timm_cabvit::onednn_linear'
+GATHER_OP = 'timm_cabvit::gather_bias'
 
 
-def test_compiled_inference_calls_onednn_as_an_op_and_training_does_not():
-    """Under torch.compile oneDNN's linear is an op of the graph (aot_eager here: no C++ compiler needed); with
-    gradients wanted the graph keeps aten's linear for autograd."""
+def test_compiled_inference_calls_the_packages_ops_and_training_does_not():
+    """Under torch.compile without gradients oneDNN's linear and the bias gather are ops of the graph (aot_eager
+    here: no C++ compiler needed), not kernels inductor generates; with gradients the graph keeps aten's ops."""
     model = timm.create_model('cabvit_h_l1', img_size=64).eval()
     x = torch.randn(1, 3, 64, 64)
     expected = model(x).detach()
@@ -172,9 +174,11 @@ def test_compiled_inference_calls_onednn_as_an_op_and_training_does_not():
         ops = _ops(lambda: compiled(x))
     blocks_linears = sum(type(m) is torch.nn.Linear for m in model.modules()) - 1  # all but the classifier
     assert ops.count(COMPILED_OP) == blocks_linears == 40
+    assert ops.count(GATHER_OP) == sum(isinstance(m, CrossBlockAttention) for m in model.modules())
     ops = _ops(lambda: compiled(x).sum().backward())
-    assert COMPILED_OP not in ops and FUSED_OP not in ops
+    assert COMPILED_OP not in ops and FUSED_OP not in ops and GATHER_OP not in ops
     assert model.stages[2].blocks[0].attn.qkv.weight.grad is not None
+    assert model.stages[3].blocks[1].attn.depth_bias.bias.grad is not None
 
 
 def test_exported_programs_keep_atens_ops():
