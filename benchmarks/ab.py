@@ -7,8 +7,11 @@ BatchNorm statistics are calibrated first, as in cpu_latency.py: timings depend 
 measured 0.90x on models at their initial statistics measured 0.96x calibrated. Batch 1, eval mode,
 inference_mode; the two versions of each model take turns call by call, and each ratio is the median of the
 per-round ratios (below 1: this checkout is faster). Other processes' CPU use during the rounds goes with it.
+`--compile` times both versions under `torch.compile` (inductor, default arguments, as cpu_latency.py): each
+version's ops of the package are registered under its own name, so each graph calls its own.
 
     python benchmarks/ab.py --against HEAD~1 --models cabvit_h_l1 cabvit_h_l2 --rounds 60 --threads 2
+    python benchmarks/ab.py --against HEAD~1 --models cabvit_h_l1 --compile
 """
 import argparse
 import importlib
@@ -74,6 +77,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=3, help='untimed calls of each model first (default: 3)')
     parser.add_argument('--threads', type=int, default=num_cores(), help='PyTorch threads (default: %(default)s)')
     parser.add_argument('--img-size', type=int, default=224, help='input size (default: %(default)s)')
+    parser.add_argument('--compile', action='store_true', help='time both versions under torch.compile')
     return parser.parse_args(argv)
 
 
@@ -86,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         runners = {}
         for name in args.models:
             runners[f'{name}@{args.against}'], runners[name] = model_pair(name, at_rev, args.img_size)
+        if args.compile:
+            runners = {name: torch.compile(model) for name, model in runners.items()}
         x = torch.randn(1, 3, args.img_size, args.img_size)
         with torch.inference_mode():
             differences = {name: (runners[name](x) - runners[f'{name}@{args.against}'](x)).abs().max().item()
@@ -98,8 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     print(markdown_table(['model', f'{args.against} ms', 'this checkout ms', 'ratio', 'max output difference'],
                          rows, right=[False, True, True, True, True]))
     cores = 'unknown' if other.cores is None else f'{other.cores:.2f}'
-    print(f'\n{args.rounds} rounds, {args.threads} thread(s), batch 1, {args.img_size}x{args.img_size}; cores kept '
-          f'busy by other processes while timing: {cores}')
+    mode = 'torch.compile' if args.compile else 'eager'
+    print(f'\n{mode}, {args.rounds} rounds, {args.threads} thread(s), batch 1, {args.img_size}x{args.img_size}; '
+          f'cores kept busy by other processes while timing: {cores}')
     note = contention_note([other.cores], args.threads)
     if note:
         print(f'**{note}**')

@@ -148,3 +148,17 @@ def test_ab_against_head_runs_both_versions(tmp_path):
                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert missing.returncode == 1 and 'git archive no-such-revision' in missing.stderr
     assert 'Traceback' not in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BENCHMARKS.parent / '.git').exists(), reason='ab.py reads a git revision: no git checkout')
+def test_ab_compiles_both_versions(tmp_path):
+    """ab.py --compile times both versions under torch.compile: each registers the package's ops under its own
+    name, so both compile in one process and give the same outputs."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / 'ab.py'), '--against', 'HEAD', '--models', 'cabvit_h_l1', '--rounds', '1',
+         '--img-size', '64', '--threads', '1', '--compile'], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr
+    table = [line for line in done.stdout.splitlines() if line.startswith('| cabvit_h_l1 |')]
+    assert len(table) == 1 and float(table[0].split('|')[5]) < 1e-4
+    assert 'torch.compile, 1 rounds' in done.stdout
