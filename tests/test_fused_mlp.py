@@ -8,7 +8,7 @@ from timm.layers import Mlp
 from torch.profiler import profile
 
 import timm_cabvit.layers as layers
-from timm_cabvit.cabvit import CrossBlockAttention
+from timm_cabvit.cabvit import CrossBlockAttention, DigestCalibration
 from timm_cabvit.layers import FusedGeluMlp, run_linear
 
 FUSED_OP = 'mkldnn::_linear_pointwise'
@@ -159,24 +159,33 @@ def test_a_swapped_or_hooked_fc1_or_act_runs_as_it_is():
 
 
 COMPILED_OP = 'timm_cabvit::onednn_linear'
-GATHER_OP = 'timm_cabvit::gather_bias'
-
-
 def test_compiled_inference_calls_the_packages_ops_and_training_does_not():
-    """Under torch.compile without gradients oneDNN's linear and the bias gather are ops of the graph (aot_eager
-    here: no C++ compiler needed), not kernels inductor generates; with gradients the graph keeps aten's ops."""
+    """Under torch.compile without gradients oneDNN's linear, the bias gather, the digest calibration and the
+    token concatenations are ops of the graph (aot_eager here: no C++ compiler needed), not kernels inductor
+    generates; with gradients the graph keeps aten's ops."""
     model = timm.create_model('cabvit_h_l1', img_size=64).eval()
     x = torch.randn(1, 3, 64, 64)
     expected = model(x).detach()
-    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend('aot_eager')
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op == 'call_function'])
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=recording_backend)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
-        ops = _ops(lambda: compiled(x))
+    calls = graphs[-1].count
     blocks_linears = sum(type(m) is torch.nn.Linear for m in model.modules()) - 1  # all but the classifier
-    assert ops.count(COMPILED_OP) == blocks_linears == 40
-    assert ops.count(GATHER_OP) == sum(isinstance(m, CrossBlockAttention) for m in model.modules())
-    ops = _ops(lambda: compiled(x).sum().backward())
-    assert COMPILED_OP not in ops and FUSED_OP not in ops and GATHER_OP not in ops
+    assert calls('timm_cabvit.onednn_linear.default') == blocks_linears == 40
+    assert calls('timm_cabvit.gather_bias.default') == sum(isinstance(m, CrossBlockAttention) for m in model.modules())
+    calibrations = sum(isinstance(m, DigestCalibration) for m in model.modules())
+    digest_chain_cats = sum(max(0, sum(b.tme.merge is not None for b in s.blocks) - 1) for s in model.stages[2:])
+    assert calls('timm_cabvit.calibrate_digests.default') == calibrations == 6
+    assert calls('timm_cabvit.cat_tokens.default') == calibrations + digest_chain_cats == 10  # keys, digests' chain
+    compiled(x).sum().backward()
+    assert len(graphs) == 2 and not [op for op in graphs[-1] if op.startswith(('timm_cabvit.', 'mkldnn.'))]
     assert model.stages[2].blocks[0].attn.qkv.weight.grad is not None
     assert model.stages[3].blocks[1].attn.depth_bias.bias.grad is not None
 

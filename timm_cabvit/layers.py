@@ -274,7 +274,7 @@ def onednn_linear(x: torch.Tensor, linear: nn.Linear, activation: str = 'none') 
     return op(x, linear.weight, linear.bias, activation)
 
 
-def _called_as_is(module: nn.Module) -> bool:
+def called_as_is(module: nn.Module) -> bool:
     """Whether calling `module` runs its forward and nothing else: no forward hooks of its own or global ones."""
     return not (module._forward_hooks or module._forward_pre_hooks
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
@@ -283,7 +283,7 @@ def _called_as_is(module: nn.Module) -> bool:
 def _plain_linear(module: nn.Module) -> bool:
     """Whether `module` is an nn.Linear whose weights an op may read in its stead: not a subclass (a quantized or
     LoRA-wrapped layer computes something else with them) and called as is."""
-    return type(module) is nn.Linear and _called_as_is(module)
+    return type(module) is nn.Linear and called_as_is(module)
 
 
 @torch.jit.unused
@@ -317,7 +317,7 @@ class FusedGeluMlp(Mlp):
     def _fused(self, x: torch.Tensor) -> bool:
         act = self.act
         exact_gelu = type(act) is GELU or type(act) is nn.GELU and act.approximate == 'none'
-        return (not self.training and _plain_linear(self.fc1) and exact_gelu and _called_as_is(act)
+        return (not self.training and _plain_linear(self.fc1) and exact_gelu and called_as_is(act)
                 and onednn_inference(x, self.fc1))
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
