@@ -158,7 +158,6 @@ def test_a_swapped_or_hooked_fc1_or_act_runs_as_it_is():
         assert FUSED_OP not in ops and torch.isfinite(quantized(image)).all()
 
 
-COMPILED_OP = 'timm_cabvit::onednn_linear'
 def test_compiled_inference_calls_the_packages_ops_and_training_does_not():
     """Under torch.compile without gradients oneDNN's linear, the bias gather, the digest calibration and the
     token concatenations are ops of the graph (aot_eager here: no C++ compiler needed), not kernels inductor
@@ -196,6 +195,9 @@ def test_exported_programs_keep_atens_ops():
         program = torch.export.export(model, (torch.randn(1, 3, 64, 64),))
     graph = str(program.graph)
     assert 'timm_cabvit' not in graph and 'mkldnn' not in graph and 'aten.linear' in graph
+
+
+COMPILED_OP = 'timm_cabvit::onednn_linear'
 
 
 @pytest.mark.slow
