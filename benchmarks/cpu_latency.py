@@ -74,9 +74,10 @@ Runner = Callable[[torch.Tensor], object]
 
 
 class OnnxRuntimeModel:
-    """The model exported by `export_onnx` (and checked against PyTorch), run by an ONNX Runtime CPU session."""
+    """The model exported by `export_onnx` (and checked against PyTorch), run by an ONNX Runtime CPU session;
+    with `profile`, the session records its kernels' times (`session.end_profiling()` writes them beside `path`)."""
 
-    def __init__(self, model: torch.nn.Module, path: Path, threads: int):
+    def __init__(self, model: torch.nn.Module, path: Path, threads: int, profile: bool = False):
         import onnxruntime
 
         self.report = export_onnx(model, path, img_size=IMG_SIZE)
@@ -84,6 +85,8 @@ class OnnxRuntimeModel:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        options.enable_profiling = profile
+        options.profile_file_prefix = str(path.with_suffix(''))
         self.session = onnxruntime.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
 
     def __call__(self, x: torch.Tensor) -> object:

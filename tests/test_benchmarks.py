@@ -162,3 +162,35 @@ def test_ab_compiles_both_versions(tmp_path):
     table = [line for line in done.stdout.splitlines() if line.startswith('| cabvit_h_l1 |')]
     assert len(table) == 1 and float(table[0].split('|')[5]) < 1e-4
     assert 'torch.compile, 1 rounds' in done.stdout
+
+
+def test_cpu_profile_splits_time_and_sets_the_floor(benchmarks, tmp_path, capsys):
+    """cpu_profile.py profiles both runtimes: the matrix ops, GELUs and the rest of each model add up to its time,
+    fvcore's multiply-adds of the matrix work, and the floor rows against the peer; written as .md and .json."""
+    cpu_profile = importlib.import_module('cpu_profile')
+    result = cpu_profile.main(['--models', 'cabvit_h_l1', 'convnext_pico', '--iters', '1', '--rounds', '1',
+                               '--warmup', '1', '--threads', '1', '--out-dir', str(tmp_path)])
+    for runtime, matrix_op in (('pytorch', 'mkldnn::_linear_pointwise'), ('onnxruntime', 'MatMul')):
+        ours, peer = result['results'][runtime]['cabvit_h_l1'], result['results'][runtime]['convnext_pico']
+        assert ours['ops_ms'][matrix_op] > 0 and ours['matrix_ms'] > ours['other_ms'] > 0
+        assert peer['gelu_ms'] > 0 and peer['matrix_ms'] > 0
+        for summary in (ours, peer):
+            parts = summary['matrix_ms'] + summary['gelu_ms'] + summary['other_ms']
+            assert parts == pytest.approx(summary['total_ms']) == pytest.approx(sum(summary['ops_ms'].values()))
+    assert result['results']['pytorch']['cabvit_h_l1']['matrix_macs'] == pytest.approx(1.374e9, rel=1e-3)
+    assert result['results']['onnxruntime']['convnext_pico']['matrix_macs'] == pytest.approx(1.367e9, rel=1e-3)
+    assert [(r['runtime'], r['model'], r['peer']) for r in result['floors']] == [
+        ('pytorch', 'cabvit_h_l1', 'convnext_pico'), ('onnxruntime', 'cabvit_h_l1', 'convnext_pico')]
+    for row in result['floors']:
+        assert 0 < row['matrix_only'] < row['matrix_and_gelu_only'] <= row['ratio']
+    printed = capsys.readouterr().out
+    assert printed.count('| cabvit_h_l1 / convnext_pico |') == 2
+    assert json.loads(next(tmp_path.glob('cpu-profile-*.json')).read_text())['floors'] == result['floors']
+    assert next(tmp_path.glob('cpu-profile-*.md')).read_text().count('| convnext_pico |') == 2
+
+
+def test_cpu_profile_refuses_unknown_models(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / 'cpu_profile.py'), '--models', 'cabvit_h_l9'],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and 'no timm model named cabvit_h_l9' in done.stderr
+    assert 'Traceback' not in done.stderr
