@@ -8,15 +8,17 @@ work on the other ops (norms, attention's softmax and bias, residual arithmetic,
 faster GEMM, convolution or GELU kernels (which the peer would get as well) or fewer multiply-adds would.
 
 How: the models of benchmarks/cpu_latency.py, prepared as there (random weights, BatchNorm statistics calibrated,
-eval mode, inference_mode, batch 1, 224x224; ONNX Runtime on the graph of `export_onnx`, spinning off), are
-profiled for `--iters` passes each, the models taking turns, for `--rounds` rounds, one runtime after the other; an
-op's time is its median over the rounds, a model's time the sum of its ops'. PyTorch eager: torch.profiler's self
-CPU time per op (the profiler's own cost falls on the ops, more on a model with more ops). ONNX Runtime: the
-session profile's kernel time per op type (time between kernels is not counted). Matrix ops are MATRIX_OPS, their
-multiply-adds fvcore's count of the model's linears, convolutions, matrix products and attention
-(`timm_cabvit.tools.flops`), the same in both runtimes; GELU ops are GELU_OPS. In PyTorch the GELUs of CabViT's MLPs
-run inside oneDNN's linear (`layers.FusedGeluMlp`) and count as matrix time, which lowers its matrix rate beside
-peers whose GELU is an op of its own.
+eval mode, inference_mode, batch 1, 224x224; ONNX Runtime on the graph of `export_onnx`, spinning off; compiled:
+`torch.compile`, default arguments), are profiled for `--iters` passes each, the models taking turns, for `--rounds`
+rounds, one runtime after the other; an op's time is its median over the rounds, a model's time the sum of its
+ops'. PyTorch eager and compiled: torch.profiler's self CPU time per op (the profiler's own cost falls on the ops,
+more on a model with more ops); compiled, the self time of the compiled graph's call is inductor's generated kernels
+and its wrapper, where the GELUs of the peers and of CabViT's stem and downsampling run (no GELU op of their own).
+ONNX Runtime: the session profile's kernel time per op type (time between kernels is not counted). Matrix ops are
+MATRIX_OPS, their multiply-adds fvcore's count of the model's linears, convolutions, matrix products and attention
+(`timm_cabvit.tools.flops`), the same in every runtime; GELU ops are GELU_OPS. In PyTorch, eager and compiled, the
+GELUs of CabViT's MLPs run inside oneDNN's linear (`layers.FusedGeluMlp`) and count as matrix time, which lowers its
+matrix rate beside peers whose GELU is an op of its own.
 
 The floor table, for each CabViT model against each peer in the run, per runtime: the ratio of their profiled
 times; `matrix only`: the model's matrix-op time over the peer's whole time, the ratio it would have with every other
@@ -25,6 +27,7 @@ benchmarks/results/cpu-profile-<cpu>-<date>.md and .json.
 
     python benchmarks/cpu_profile.py                    # cpu_latency.py's models: h_l1, h_l2 and their peers
     python benchmarks/cpu_profile.py --models cabvit_h_l2 efficientformer_l3 --runtimes onnxruntime
+    python benchmarks/cpu_profile.py --models cabvit_h_l1 convnext_pico --runtimes compiled
 """
 import argparse
 import bisect
@@ -56,19 +59,23 @@ from timm_cabvit.tools.deploy import calibrate_batchnorm
 from timm_cabvit.tools.flops import flop_analysis
 from timm_cabvit.tools.reports import OtherCpuUse, contention_note, other_cpu_use
 
-RUNTIMES = ('pytorch', 'onnxruntime')
-LABELS = {'pytorch': 'PyTorch', 'onnxruntime': 'ORT'}
+RUNTIMES = ('pytorch', 'onnxruntime', 'compiled')
+LABELS = {'pytorch': 'PyTorch', 'onnxruntime': 'ORT', 'compiled': 'compiled'}
+ATEN_MATRIX_OPS = frozenset({
+    'mkldnn::_linear_pointwise', 'mkl::_mkl_linear', 'aten::mkldnn_convolution', 'aten::_slow_conv2d_forward',
+    'aten::addmm', 'aten::mm', 'aten::bmm', 'aten::baddbmm', 'aten::_scaled_dot_product_flash_attention_for_cpu',
+})
 MATRIX_OPS = {
-    'pytorch': frozenset({
-        'mkldnn::_linear_pointwise', 'mkl::_mkl_linear', 'aten::mkldnn_convolution', 'aten::_slow_conv2d_forward',
-        'aten::addmm', 'aten::mm', 'aten::bmm', 'aten::baddbmm', 'aten::_scaled_dot_product_flash_attention_for_cpu',
-    }),
+    'pytorch': ATEN_MATRIX_OPS,
+    'compiled': ATEN_MATRIX_OPS,
     'onnxruntime': frozenset({
         'Conv', 'FusedConv', 'NhwcFusedConv', 'MatMul', 'FusedMatMul', 'Gemm', 'FusedGemm', 'Attention',
         'MultiHeadAttention',
     }),
 }
-GELU_OPS = {'pytorch': frozenset({'aten::gelu'}), 'onnxruntime': frozenset({'Gelu', 'BiasGelu'})}
+GELU_OPS = {
+    'pytorch': frozenset({'aten::gelu'}), 'compiled': frozenset(), 'onnxruntime': frozenset({'Gelu', 'BiasGelu'})}
+COMPILED_GRAPH_CALL = '## Call CompiledFxGraph'  # torch.profiler's name of a compiled graph's call, then its hash
 FVCORE_MATRIX_OPS = ('conv', 'linear', 'matmul', 'bmm', 'einsum', 'scaled_dot_product_attention')
 TOP_OTHER_OPS = 4
 
@@ -86,7 +93,11 @@ def pytorch_op_ms(model: torch.nn.Module, x: torch.Tensor, iters: int) -> OpTime
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
             model(x)
-    return {event.key: event.self_cpu_time_total / 1e3 / iters for event in prof.key_averages()}
+    times: OpTimes = defaultdict(float)
+    for event in prof.key_averages():
+        name = 'inductor kernels' if event.key.startswith(COMPILED_GRAPH_CALL) else event.key
+        times[name] += event.self_cpu_time_total / 1e3 / iters
+    return times
 
 
 def onnxruntime_rounds(profile_path: str, skip: int, iters: int, rounds: int) -> List[OpTimes]:
@@ -116,15 +127,17 @@ def take_turns(runs: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, 
 def profile_runtime(
         runtime: str, models: Dict[str, torch.nn.Module], workdir: Path, threads: int, warmup: int, iters: int,
         rounds: int) -> Dict[str, List[OpTimes]]:
-    """Per model, the op times of each round: `warmup` passes each, then rounds of `iters` passes each in turn."""
+    """Per model, the op times of each round: `warmup` passes each (compiled: the first compiles), then rounds of
+    `iters` passes each in turn."""
     x = torch.randn(1, 3, *IMG_SIZE)
-    if runtime == 'pytorch':
-        runners: Dict[str, Callable[[], object]] = dict(models)
-        profiled = {name: (lambda m=model: pytorch_op_ms(m, x, iters)) for name, model in models.items()}
-    else:
-        runners = {name: OnnxRuntimeModel(model, workdir / f'{name}.onnx', threads, profile=True)
-                   for name, model in models.items()}
+    if runtime == 'onnxruntime':
+        runners: Dict[str, Callable[[torch.Tensor], object]] = {
+            name: OnnxRuntimeModel(model, workdir / f'{name}.onnx', threads, profile=True)
+            for name, model in models.items()}
         profiled = {name: (lambda s=session: [s(x) for _ in range(iters)]) for name, session in runners.items()}
+    else:
+        runners = {name: torch.compile(model) if runtime == 'compiled' else model for name, model in models.items()}
+        profiled = {name: (lambda m=run: pytorch_op_ms(m, x, iters)) for name, run in runners.items()}
     with torch.inference_mode():
         for run in runners.values():
             for _ in range(warmup):
@@ -194,8 +207,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=DEFAULT_MODELS, metavar='NAME',
                         help='timm model names (default: %(default)s)')
-    parser.add_argument('--runtimes', nargs='+', choices=RUNTIMES, default=list(RUNTIMES),
-                        help='what to profile (default: %(default)s)')
+    parser.add_argument('--runtimes', nargs='+', choices=RUNTIMES, default=['pytorch', 'onnxruntime'],
+                        help='what to profile (default: %(default)s; compiled adds a compile of each model, about '
+                             'a minute each on two cores)')
     parser.add_argument('--iters', type=int, default=10, help='profiled passes per model and round (default: 10)')
     parser.add_argument('--rounds', type=int, default=3, help='rounds (default: %(default)s)')
     parser.add_argument('--warmup', type=int, default=3, help='unprofiled passes of each model first (default: 3)')

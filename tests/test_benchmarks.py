@@ -189,6 +189,21 @@ def test_cpu_profile_splits_time_and_sets_the_floor(benchmarks, tmp_path, capsys
     assert next(tmp_path.glob('cpu-profile-*.md')).read_text().count('| convnext_pico |') == 2
 
 
+@pytest.mark.slow
+def test_cpu_profile_compiled(benchmarks, tmp_path):
+    """Compiled, the self time of the compiled graph's call is one row of inductor's kernels, the package's oneDNN
+    linears matrix time; the GELUs are in the kernels."""
+    cpu_profile = importlib.import_module('cpu_profile')
+    result = cpu_profile.main(['--models', 'cabvit_h_l1', 'convnext_pico', '--runtimes', 'compiled', '--iters', '1',
+                               '--rounds', '1', '--warmup', '1', '--threads', '1', '--out-dir', str(tmp_path)])
+    ours, peer = result['results']['compiled']['cabvit_h_l1'], result['results']['compiled']['convnext_pico']
+    assert ours['ops_ms']['inductor kernels'] > 0 and peer['ops_ms']['inductor kernels'] > 0
+    assert ours['ops_ms']['mkldnn::_linear_pointwise'] > 0 and ours['gelu_ms'] == peer['gelu_ms'] == 0
+    assert not any(op.startswith(cpu_profile.COMPILED_GRAPH_CALL) for op in {*ours['ops_ms'], *peer['ops_ms']})
+    assert [(r['runtime'], r['model']) for r in result['floors']] == [('compiled', 'cabvit_h_l1')]
+    assert 0 < result['floors'][0]['matrix_only'] < result['floors'][0]['ratio']
+
+
 def test_cpu_profile_refuses_unknown_models(tmp_path):
     done = subprocess.run([sys.executable, str(BENCHMARKS / 'cpu_profile.py'), '--models', 'cabvit_h_l9'],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)

@@ -43,7 +43,6 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.convnext import ConvNeXtBlock
 
 from .layers import (
-    OP_NAMESPACE,
     ClassTokenRelPosBias,
     FoldableConvNormAct,
     FusedGeluMlp,
@@ -53,6 +52,7 @@ from .layers import (
     check_img_size,
     check_input,
     compiled_inference,
+    compiled_inference_op,
     relative_position_bias,
     resize_token_grid,
     resized_parameter,
@@ -121,7 +121,11 @@ def gather_bias(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return table.gather(1, index).view(table.shape[0], -1, positions.shape[1])
 
 
-@torch.library.custom_op(f'{OP_NAMESPACE}::gather_bias', mutates_args=())
+def _fake_bias_gather(tables: List[torch.Tensor], positions: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return tables[0].new_empty((num_heads, positions.shape[0], positions.shape[1]))
+
+
+@compiled_inference_op('gather_bias(Tensor[] tables, Tensor positions, int num_heads) -> Tensor', _fake_bias_gather)
 def _compiled_bias_gather(tables: List[torch.Tensor], positions: torch.Tensor, num_heads: int) -> torch.Tensor:
     """The attention bias gathered from its tables as an op that torch.compile calls as it is. Written out,
     inductor makes the tables' concatenation and the gather one C++ kernel per block, as the sizes grow with the
@@ -131,20 +135,14 @@ def _compiled_bias_gather(tables: List[torch.Tensor], positions: torch.Tensor, n
     return gather_bias(table, positions)
 
 
-@_compiled_bias_gather.register_fake
-def _(tables: List[torch.Tensor], positions: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return tables[0].new_empty((num_heads, positions.shape[0], positions.shape[1]))
-
-
-@torch.library.custom_op(f'{OP_NAMESPACE}::cat_tokens', mutates_args=())
-def _cat_tokens_op(tensors: List[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(tensors, dim=1)
-
-
-@_cat_tokens_op.register_fake
-def _(tensors: List[torch.Tensor]) -> torch.Tensor:
+def _fake_cat_tokens(tensors: List[torch.Tensor]) -> torch.Tensor:
     first = tensors[0]
     return first.new_empty((first.shape[0], sum(t.shape[1] for t in tensors), first.shape[2]))
+
+
+@compiled_inference_op('cat_tokens(Tensor[] tensors) -> Tensor', _fake_cat_tokens)
+def _cat_tokens_op(tensors: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors, dim=1)
 
 
 @torch.jit.unused
@@ -166,7 +164,14 @@ def cat_tokens(tensors: List[torch.Tensor]) -> torch.Tensor:
     return _compiled_cat_tokens(tensors)
 
 
-@torch.library.custom_op(f'{OP_NAMESPACE}::calibrate_digests', mutates_args=())
+def _fake_calibrate_digests(digests: torch.Tensor, scale: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    return torch.empty_like(digests)
+
+
+@compiled_inference_op(
+    'calibrate_digests(Tensor digests, Tensor? scale, Tensor? weight, Tensor? bias, float eps) -> Tensor',
+    _fake_calibrate_digests)
 def _calibrate_digests_op(
         digests: torch.Tensor, scale: Optional[torch.Tensor], weight: Optional[torch.Tensor],
         bias: Optional[torch.Tensor], eps: float,
@@ -174,12 +179,6 @@ def _calibrate_digests_op(
     if scale is not None:
         digests = digests * scale.reshape(1, -1, 1)
     return F.layer_norm(digests, digests.shape[-1:], weight, bias, eps)
-
-
-@_calibrate_digests_op.register_fake
-def _(digests: torch.Tensor, scale: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-      bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
-    return torch.empty_like(digests)
 
 
 def digest_grid_size(grid_size: Grid) -> Grid:
