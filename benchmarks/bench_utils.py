@@ -177,6 +177,13 @@ def result_path(results_dir: str, prefix: str, device: torch.device, suffix: str
     return dated_result_path(results_dir, f'{prefix}{slug(device_name(device))}', suffix)
 
 
+def busy_cores_summary(cores_by_label: Dict[str, Sequence[Optional[float]]]) -> str:
+    """'label N.NN, ...': the most cores other processes kept busy before or during each measured part, 'unknown'
+    where /proc/stat could not tell."""
+    return ', '.join(f'{label} {max(c for c in cores if c is not None):.2f}' if any(c is not None for c in cores)
+                     else f'{label} unknown' for label, cores in cores_by_label.items())
+
+
 def write_json(path: str, data: Dict, indent: int = 2) -> None:
     with open(path, 'w') as f:
         json.dump(data, f, indent=indent)

@@ -42,6 +42,7 @@ import timm
 import torch
 from bench_utils import (
     RESULTS_DIR,
+    busy_cores_summary,
     copy_bandwidth_gbps,
     cpu_model,
     dated_result_path,
@@ -269,8 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         'rounds': args.rounds, 'warmup': args.warmup, 'img_size': IMG_SIZE[0], 'threads': result['threads'],
         'command': ' '.join(['python', 'benchmarks/cpu_latency.py', *(argv if argv is not None else sys.argv[1:])]),
     }
-    others = ', '.join(f'{v} {max(c for c in cores if c is not None):.2f}' if any(c is not None for c in cores)
-                       else f'{v} unknown' for v, cores in result['other_cores'].items())
+    others = busy_cores_summary(result['other_cores'])
     text = '\n'.join([
         f"# CPU latency, {settings['date']}", '',
         f"Median ms per call over {args.rounds} rounds (the models taking turns call by call) after {args.warmup} "

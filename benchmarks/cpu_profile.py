@@ -44,6 +44,7 @@ import timm
 import torch
 from bench_utils import (
     RESULTS_DIR,
+    busy_cores_summary,
     cpu_model,
     dated_result_path,
     gemm_gflops,
@@ -52,7 +53,7 @@ from bench_utils import (
     slug,
     write_json,
 )
-from cpu_latency import DEFAULT_MODELS, IMG_SIZE, PEERS, OnnxRuntimeModel
+from cpu_latency import DEFAULT_MODELS, IMG_SIZE, LABELS, PEERS, OnnxRuntimeModel
 from torch.profiler import ProfilerActivity, profile
 
 from timm_cabvit.tools.deploy import calibrate_batchnorm
@@ -60,7 +61,6 @@ from timm_cabvit.tools.flops import flop_analysis
 from timm_cabvit.tools.reports import OtherCpuUse, contention_note, other_cpu_use
 
 RUNTIMES = ('pytorch', 'onnxruntime', 'compiled')
-LABELS = {'pytorch': 'PyTorch', 'onnxruntime': 'ORT', 'compiled': 'compiled'}
 ATEN_MATRIX_OPS = frozenset({
     'mkldnn::_linear_pointwise', 'mkl::_mkl_linear', 'aten::mkldnn_convolution', 'aten::_slow_conv2d_forward',
     'aten::addmm', 'aten::mm', 'aten::bmm', 'aten::baddbmm', 'aten::_scaled_dot_product_flash_attention_for_cpu',
@@ -76,6 +76,7 @@ MATRIX_OPS = {
 GELU_OPS = {
     'pytorch': frozenset({'aten::gelu'}), 'compiled': frozenset(), 'onnxruntime': frozenset({'Gelu', 'BiasGelu'})}
 COMPILED_GRAPH_CALL = '## Call CompiledFxGraph'  # torch.profiler's name of a compiled graph's call, then its hash
+COMPILED_GRAPH = 'compiled graph'  # that call's self time: inductor's generated kernels and its Python wrapper
 FVCORE_MATRIX_OPS = ('conv', 'linear', 'matmul', 'bmm', 'einsum', 'scaled_dot_product_attention')
 TOP_OTHER_OPS = 4
 
@@ -95,7 +96,7 @@ def pytorch_op_ms(model: torch.nn.Module, x: torch.Tensor, iters: int) -> OpTime
             model(x)
     times: OpTimes = defaultdict(float)
     for event in prof.key_averages():
-        name = 'inductor kernels' if event.key.startswith(COMPILED_GRAPH_CALL) else event.key
+        name = COMPILED_GRAPH if event.key.startswith(COMPILED_GRAPH_CALL) else event.key
         times[name] += event.self_cpu_time_total / 1e3 / iters
     return times
 
@@ -251,9 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     floors = floor_rows(args.models, results)
     date = datetime.datetime.now().isoformat(timespec='seconds')
     command = ' '.join(['python', 'benchmarks/cpu_profile.py', *(argv if argv is not None else sys.argv[1:])])
-    busy = ', '.join(f'{LABELS[r]} ' + ('unknown' if all(c is None for c in cores)
-                                        else f'{max(c for c in cores if c is not None):.2f}')
-                     for r, cores in others.items())
+    busy = busy_cores_summary({LABELS[runtime]: cores for runtime, cores in others.items()})
     text = '\n'.join([
         f'# Where CPU inference time goes, {date}', '',
         f'{args.iters} profiled passes per model and round, {args.rounds} rounds (medians), after {args.warmup} '
